@@ -1,0 +1,521 @@
+"""Daemon: lifecycle, signals, reload and the wiring of config, pools, listeners, health, admin, HA."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+
+from balancer import config as config_mod
+from balancer import sticky
+from balancer.backend import Backend, BackendState
+from balancer.config import Address, BackendConfig, Config, ConfigError, PoolConfig
+from balancer.health import ActiveChecker, maintain_forever
+from balancer.pool import Pool, PoolEvents, backend_from_config
+from balancer.proxy.limits import ClientLimits
+from balancer.proxy.listener import HttpListener
+from balancer.proxy.observe import AccessLog, Observer
+from balancer.proxy.routing import Router
+from balancer.proxy.upstream import Upstreams, Watchdog
+
+log = logging.getLogger("balancer")
+
+# Backends present when the daemon starts are assumed up until their first check says
+# otherwise; backends added later (admin API, reload) wait for a passing check.
+STARTUP = "startup"
+RUNTIME = "runtime"
+
+
+class Daemon:
+    """The running balancer. The admin API reads its attributes and changes things only
+    through its methods, which are the same calls a reload makes."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pools: dict[str, Pool] = {}
+        self.listeners: dict[str, object] = {}
+        self.checkers: dict[str, ActiveChecker] = {}
+        self.ha = None
+        self.metrics = None
+        self.events = PoolEvents()
+        self.started_at = time.time()
+        self.reloads = 0
+        self.last_reload_error: list[str] = []
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task] = []
+        self._admin_runner = None
+        self._sticky_keys: dict[str, list[bytes]] = {}
+        self._removals: set[asyncio.Task] = set()
+
+    # -- startup ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        cfg = self.config
+        self.watchdog = Watchdog(loop)
+        self.watchdog.start()
+        self.upstreams = Upstreams(
+            loop,
+            self.watchdog,
+            connect_timeout=cfg.timeouts.connect,
+            backend_timeout=cfg.timeouts.backend,
+            idle_timeout=cfg.timeouts.upstream_idle,
+        )
+        self.limits = ClientLimits(cfg.limits)
+        self.access_log = AccessLog(cfg.access_log)
+        self.observer = Observer(self.access_log)
+        self._install_metrics()
+        self.pools = self._build_pools(cfg, {})
+        for lc in cfg.listeners:
+            listener = self._make_listener(lc)
+            await listener.start()
+            self.listeners[lc.name] = listener
+            log.info("listener %s (%s) on %s", lc.name, lc.mode, lc.bind)
+        self._start_checkers(STARTUP)
+        self._tasks.append(loop.create_task(maintain_forever(lambda: self.pools.values())))
+        self._tasks.append(loop.create_task(self._housekeeping()))
+        await self._start_admin()
+        await self._start_ha()
+
+    def _install_metrics(self) -> None:
+        try:
+            from balancer.admin.metrics import Metrics
+        except ImportError:  # the admin package is optional in stripped-down embeddings
+            return
+        self.metrics = Metrics(self)
+        self.observer.metrics = self.metrics
+        self.events = self.metrics.pool_events()
+
+    def _make_listener(self, lc: config_mod.ListenerConfig) -> object:
+        if lc.mode == "tcp":
+            from balancer.proxy.tcp import TcpListener
+
+            return TcpListener(lc, pool=self.pools[lc.pool], daemon=self)  # type: ignore[index]
+        return HttpListener(
+            lc,
+            router=Router(lc.routes, self.pools) if lc.routes else None,
+            upstreams=self.upstreams,
+            watchdog=self.watchdog,
+            limits=self.limits,
+            timeouts=self.config.timeouts,
+            observer=self.observer,
+            loop=self.loop,
+            ssl_context=self._ssl_context(lc),
+        )
+
+    def _ssl_context(self, lc: config_mod.ListenerConfig) -> ssl.SSLContext | None:
+        if lc.tls is None:
+            return None
+        from balancer.proxy.tls import build_ssl_context
+
+        return build_ssl_context(lc.tls)
+
+    def _build_pools(self, cfg: Config, old: dict[str, Pool]) -> dict[str, Pool]:
+        pools: dict[str, Pool] = {}
+        for name, pc in cfg.pools.items():
+            prev = old.get(name)
+            known = {(b.host, b.port): b for b in prev.backends} if prev else {}
+            backends = []
+            for bc in pc.backends:
+                b = known.get((bc.address.host, bc.address.port))
+                if b is None:
+                    b = backend_from_config(bc)
+                else:
+                    # same address: same server, keep its health and counters; the file
+                    # is the truth for everything else (runtime changes don't survive)
+                    b.name = bc.name
+                    b.weight = bc.weight
+                    b.max_connections = bc.max_connections
+                    b.admin_state = BackendState.UP
+                backends.append(b)
+            pools[name] = Pool(
+                pc, backends, events=self.events, sticky_codec=self._sticky_codec(pc)
+            )
+        return pools
+
+    def _sticky_codec(self, pc: PoolConfig) -> sticky.StickyCodec | None:
+        if pc.sticky is None:
+            return None
+        path = pc.sticky.key_file or self._default_sticky_key_path()
+        keys = self._sticky_keys.get(path or "")
+        if keys is None:
+            if path is None:
+                log.warning(
+                    "pool %s: sticky key kept in memory only (no config file directory to "
+                    "keep it in): cookies will not survive a restart",
+                    pc.name,
+                )
+                keys = [os.urandom(32)]
+            else:
+                keys = sticky.load_or_create_keys(path)
+            self._sticky_keys[path or ""] = keys
+        return sticky.StickyCodec(keys, pc.name, pc.sticky.ttl)
+
+    def _default_sticky_key_path(self) -> str | None:
+        if not self.config.source:
+            return None
+        d = os.path.dirname(os.path.abspath(self.config.source))
+        return os.path.join(d, "sticky.key") if os.access(d, os.W_OK) else None
+
+    def _start_checkers(self, phase: str, previous: dict[str, ActiveChecker] | None = None) -> None:
+        for name, pool in self.pools.items():
+            hc = pool.config.health_check
+            if hc is None:
+                continue
+            checker = ActiveChecker(pool, hc, connect_timeout=self.config.timeouts.connect)
+            if phase == RUNTIME and previous is not None:
+                # a backend the old config did not check is new: down until checked
+                old = previous.get(name)
+                for b in pool.backends:
+                    if old is None or b not in old:
+                        checker.remove(b)
+                        checker.add(b, verified=False)
+            checker.start()
+            self.checkers[name] = checker
+
+    async def _start_admin(self) -> None:
+        from aiohttp import web
+
+        from balancer.admin.app import build_app
+
+        app = build_app(self)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        bind = self.config.admin.bind
+        site = web.TCPSite(runner, bind.host, bind.port, reuse_address=True)
+        await site.start()
+        self._admin_runner = runner
+        log.info("admin API on http://%s", bind)
+
+    async def _start_ha(self) -> None:
+        if self.config.ha is None:
+            return
+        from balancer.ha.node import HaNode
+
+        self.ha = HaNode(self.config.ha, local_health=self.locally_healthy)
+        await self.ha.start()
+
+    def locally_healthy(self) -> bool:
+        """For HA self-fencing: can this node serve? (some pool has an eligible backend)."""
+        return any(p.strategy.backends for p in self.pools.values()) if self.pools else True
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self.access_log.flush()
+            self.limits.sweep(self.loop.time())
+
+    # -- reload ----------------------------------------------------------------------------
+
+    async def reload(self) -> list[str]:
+        """Re-read the config file. Returns the problems ([] on success); on problems the
+        running config stays untouched."""
+        source = self.config.source
+        if not source:
+            return ["no config file to reload (started without one)"]
+        try:
+            new = config_mod.load(source)
+        except ConfigError as e:
+            problems = [str(p) for p in e.problems]
+            self.last_reload_error = problems
+            log.error("reload rejected, old config keeps serving:\n  %s", "\n  ".join(problems))
+            return problems
+        try:
+            await self.apply(new)
+        except (OSError, ValueError) as e:
+            msg = f"reload failed while applying: {e}"
+            self.last_reload_error = [msg]
+            log.error("%s; old listeners keep serving", msg)
+            return [msg]
+        self.reloads += 1
+        self.last_reload_error = []
+        log.warning("reloaded %s", source)
+        return []
+
+    async def apply(self, new: Config) -> None:
+        """Swap in a new config without dropping connections."""
+        old_cfg = self.config
+        old_pools = self.pools
+        # bind new listeners first: if one can't bind, nothing has changed yet
+        fresh: dict[str, object] = {}
+        keep_names = {
+            lc.name
+            for lc in new.listeners
+            if lc.name in self.listeners and self._same_socket(self.listeners[lc.name], lc)
+        }
+        new_pools = self._build_pools(new, old_pools)
+        self.pools = new_pools  # needed by _make_listener
+        try:
+            for lc in new.listeners:
+                if lc.name not in keep_names:
+                    listener = self._make_listener_for(new, lc)
+                    await listener.start()
+                    fresh[lc.name] = listener
+        except BaseException:
+            self.pools = old_pools
+            for listener in fresh.values():
+                listener.stop_accepting()
+            raise
+        self.config = new
+        self.limits.config = new.limits
+        self.upstreams.retune(
+            connect_timeout=new.timeouts.connect,
+            backend_timeout=new.timeouts.backend,
+            idle_timeout=new.timeouts.upstream_idle,
+        )
+        for lc in new.listeners:
+            if lc.name in keep_names:
+                listener = self.listeners[lc.name]
+                if isinstance(listener, HttpListener):
+                    listener.apply(
+                        lc,
+                        router=Router(lc.routes, new_pools) if lc.routes else None,
+                        timeouts=new.timeouts,
+                    )
+                    if lc.tls is not None:
+                        listener.ssl_context = self._ssl_context(lc)
+                        self._refresh_tls(listener)
+                else:
+                    listener.apply(lc, pool=new_pools[lc.pool])  # type: ignore[attr-defined]
+        for name, listener in list(self.listeners.items()):
+            if name not in keep_names:
+                # a listener gone from the file (or rebound): stop accepting, let its
+                # connections finish their requests
+                listener.stop_accepting()  # type: ignore[attr-defined]
+                listener.shutdown_connections()  # type: ignore[attr-defined]
+                del self.listeners[name]
+        self.listeners.update(fresh)
+        old_checkers = self.checkers
+        self.checkers = {}
+        for checker in old_checkers.values():
+            await checker.stop()
+        self._start_checkers(RUNTIME, old_checkers)
+        # warm connections to servers no longer configured anywhere are closed
+        live = {(b.host, b.port) for p in new_pools.values() for b in p.backends}
+        for p in old_pools.values():
+            for b in p.backends:
+                if (b.host, b.port) not in live:
+                    self.upstreams.drop(b.host, b.port)
+        if self.access_log.format != new.access_log.format or old_cfg.access_log != new.access_log:
+            old_log = self.access_log
+            self.access_log = AccessLog(new.access_log)
+            self.observer.access_log = self.access_log
+            old_log.close()
+
+    def _make_listener_for(self, new: Config, lc: config_mod.ListenerConfig) -> object:
+        saved = self.config
+        self.config = new
+        try:
+            return self._make_listener(lc)
+        finally:
+            self.config = saved
+
+    @staticmethod
+    def _same_socket(listener: object, lc: config_mod.ListenerConfig) -> bool:
+        cur = listener.config  # type: ignore[attr-defined]
+        return cur.bind == lc.bind and cur.mode == lc.mode and (cur.tls is None) == (lc.tls is None)
+
+    def _refresh_tls(self, listener: HttpListener) -> None:
+        # asyncio servers keep the SSLContext they were created with; new connections must
+        # see renewed certificates, so load them into that same context object
+        from balancer.proxy.tls import reload_certificates
+
+        server = listener.server
+        ctx = getattr(server, "_ssl_context", None) or listener.ssl_context
+        if listener.config.tls is not None and ctx is not None:
+            reload_certificates(ctx, listener.config.tls)
+
+    # -- runtime backend changes (admin API) ------------------------------------------------
+
+    def _pool(self, pool_name: str) -> Pool:
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            raise KeyError(f"no pool named {pool_name!r}")
+        return pool
+
+    def find_backend(self, pool_name: str, name: str) -> tuple[Pool, Backend]:
+        pool = self._pool(pool_name)
+        b = pool.find(name)
+        if b is None:
+            raise KeyError(f"pool {pool_name!r} has no backend named {name!r}")
+        return pool, b
+
+    def add_backend(
+        self, pool_name: str, name: str, address: str, weight: int = 1, max_connections: int = 0
+    ) -> Backend:
+        pool = self._pool(pool_name)
+        addr = config_mod.parse_address(address)
+        if pool.find(name) is not None:
+            raise ValueError(f"pool {pool_name!r} already has a backend named {name!r}")
+        if any((b.host, b.port) == (addr.host, addr.port) for b in pool.backends):
+            raise ValueError(f"pool {pool_name!r} already has a backend at {addr}")
+        b = backend_from_config(
+            BackendConfig(name, Address(addr.host, addr.port), weight, max_connections)
+        )
+        checker = self.checkers.get(pool_name)
+        if checker is not None:
+            b.healthy = False  # takes traffic once its first check passes
+        pool.add_backend(b)
+        if checker is not None:
+            checker.add(b, verified=False)
+        log.warning("pool %s: backend %s (%s) added at runtime", pool_name, name, b.address)
+        return b
+
+    def update_backend(
+        self, pool_name: str, name: str, *, state: str | None = None, weight: int | None = None
+    ) -> Backend:
+        pool, b = self.find_backend(pool_name, name)
+        if weight is not None:
+            pool.set_weight(b, weight)
+        if state is not None:
+            pool.set_admin_state(b, BackendState(state))
+        log.warning(
+            "pool %s: backend %s changed at runtime: %s",
+            pool_name,
+            name,
+            {k: v for k, v in (("state", state), ("weight", weight)) if v is not None},
+        )
+        return b
+
+    def remove_backend(self, pool_name: str, name: str) -> Backend:
+        """Drain `name` now and remove it once its in-flight requests finished (or the
+        drain timeout passed)."""
+        pool, b = self.find_backend(pool_name, name)
+        pool.set_admin_state(b, BackendState.DRAINING)
+        task = self.loop.create_task(self._finish_removal(pool_name, b))
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+        return b
+
+    async def _finish_removal(self, pool_name: str, b: Backend) -> None:
+        deadline = self.loop.time() + self.config.timeouts.drain
+        while b.inflight > 0 and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        pool = self.pools.get(pool_name)
+        if pool is not None:
+            pool.remove_backend(b)
+        checker = self.checkers.get(pool_name)
+        if checker is not None:
+            checker.remove(b)
+        if not any(
+            x.host == b.host and x.port == b.port for p in self.pools.values() for x in p.backends
+        ):
+            self.upstreams.drop(b.host, b.port)
+        log.warning("pool %s: backend %s (%s) removed", pool_name, b.name, b.address)
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to timeouts.drain), close."""
+        for listener in self.listeners.values():
+            listener.stop_accepting()  # type: ignore[attr-defined]
+        for listener in self.listeners.values():
+            listener.shutdown_connections()  # type: ignore[attr-defined]
+        deadline = self.loop.time() + self.config.timeouts.drain
+        while self.loop.time() < deadline:
+            if not any(listener.connections for listener in self.listeners.values()):  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.05)
+        left = sum(len(listener.connections) for listener in self.listeners.values())  # type: ignore[attr-defined]
+        if left:
+            log.warning("drain timeout: closing %d connection(s) still busy", left)
+            for listener in self.listeners.values():
+                listener.abort_connections()  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        log.warning(
+            "shutting down: draining in-flight requests (up to %.0fs)", self.config.timeouts.drain
+        )
+        if self.ha is not None:
+            await self.ha.shutdown(self._drain_after_handover)
+        else:
+            await self.drain()
+        for checker in self.checkers.values():
+            await checker.stop()
+        for task in self._tasks + list(self._removals):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._removals, return_exceptions=True)
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        self.watchdog.stop()
+        self.upstreams.close_all()
+        self.access_log.close()
+        self._stopped.set()
+        log.warning("stopped")
+
+    async def _drain_after_handover(self) -> None:
+        # the peer needs a moment to take the address and announce it; until then clients
+        # still reach this node, so keep accepting that long before draining
+        ha = self.config.ha
+        await asyncio.sleep(2 * ha.advert_interval if ha else 0)  # type: ignore[union-attr]
+        await self.drain()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        loop = self.loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(self.stop()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+
+    def status(self) -> dict:
+        return {
+            "version": __import__("balancer").__version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "config": self.config.source,
+            "reloads": self.reloads,
+            "last_reload_error": self.last_reload_error,
+            "listeners": [listener.status() for listener in self.listeners.values()],  # type: ignore[attr-defined]
+            "pools": {name: self._pool_status(name, pool) for name, pool in self.pools.items()},
+            "ha": self.ha.status() if self.ha is not None else {"role": "standalone"},
+        }
+
+    def _pool_status(self, name: str, pool: Pool) -> dict:
+        st = pool.status()
+        checker = self.checkers.get(name)
+        for entry, b in zip(st["backends"], pool.backends, strict=True):
+            entry["health_checks"] = checker.history(b) if checker is not None else []
+        return st
+
+
+async def run_daemon(
+    config: Config, *, ready: Callable[[Daemon], Awaitable[None] | None] | None = None
+) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status."""
+    daemon = Daemon(config)
+    try:
+        await daemon.start()
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        await _cleanup_partial(daemon)
+        return 1
+    daemon.install_signal_handlers()
+    log.warning("balancer %s running (pid %d)", __import__("balancer").__version__, os.getpid())
+    if ready is not None:
+        r = ready(daemon)
+        if asyncio.iscoroutine(r):
+            await r
+    await daemon.wait_stopped()
+    return 0
+
+
+async def _cleanup_partial(daemon: Daemon) -> None:
+    for listener in daemon.listeners.values():
+        listener.stop_accepting()  # type: ignore[attr-defined]
+    for checker in daemon.checkers.values():
+        await checker.stop()
+    for task in daemon._tasks:
+        task.cancel()
+    if daemon._admin_runner is not None:
+        await daemon._admin_runner.cleanup()

@@ -1,0 +1,991 @@
+"""Client side of the HTTP proxy: the listener's protocol (httptools) and one Exchange per request.
+
+The protocol parses and hands off; each parsed request becomes an Exchange that picks a
+backend through its pool, streams the request to an upstream connection and the response back.
+Pipelined requests wait in order behind the active one (reading from the client pauses while
+they wait, so at most one socket read of them is ever buffered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from balancer import sticky as sticky_cookie
+from balancer.proxy import upstream as up
+from balancer.proxy.http import (
+    CHUNKED_END,
+    CONTINUE_100,
+    CRLF,
+    HOP_BY_HOP,
+    IDEMPOTENT,
+    RequestRejected,
+    connection_tokens,
+    host_without_port,
+    local_response,
+    valid_host,
+)
+
+if TYPE_CHECKING:
+    from balancer.backend import Backend
+    from balancer.pool import Pool
+    from balancer.proxy.listener import HttpListener
+
+log = logging.getLogger("balancer.proxy")
+
+# Request bodies up to this size are kept until the response starts, so that a request
+# whose backend fails before answering can be replayed to another backend.
+REPLAY_LIMIT = 64 * 1024
+# While no backend connection is ready, buffer at most this much body, then pause the client.
+CONNECT_BUFFER = 256 * 1024
+
+# Reasons to stop reading from the client; reading resumes when none is left.
+PAUSE_PIPELINE = 1  # a request is queued behind the active one
+PAUSE_UPSTREAM = 2  # the backend connection's write buffer is full
+PAUSE_CONNECTING = 4  # body buffered while the backend connection is being made
+PAUSE_DONE = 8  # no more requests will be read on this connection
+
+# What the connection deadline means when the watchdog fires.
+DL_IDLE = 0  # between requests: close quietly
+DL_HEAD = 1  # reading a request head: 408
+DL_BODY = 2  # reading a request body: 408
+DL_TUNNEL = 3  # upgraded connection idle: close both sides
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client connection on an HTTP listener."""
+
+    __slots__ = (
+        "listener",
+        "transport",
+        "parser",
+        "client_ip",
+        "client_ip_b",
+        "admitted",
+        # requests
+        "parsing",
+        "active",
+        "queue",
+        "head_size",
+        "header_count",
+        "upgrade_pending",
+        # flow control
+        "read_pause",
+        "write_paused",
+        "closing",
+        "closed",
+        "tunnel",
+        # timeouts
+        "deadline",
+        "deadline_kind",
+    )
+
+    def __init__(self, listener: HttpListener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = ""
+        self.client_ip_b = b""
+        self.admitted = False
+        self.parsing: Exchange | None = None
+        self.active: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.head_size = 0
+        self.header_count = 0
+        self.upgrade_pending = False
+        self.read_pause = 0
+        self.write_paused = False
+        self.closing = False
+        self.closed = False
+        self.tunnel: up.UpstreamConnection | None = None
+        self.deadline = 0.0
+        self.deadline_kind = DL_IDLE
+
+    # -- connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else "unknown"
+        self.client_ip_b = self.client_ip.encode()
+        listener = self.listener
+        if not listener.limits.admit(self.client_ip):
+            # over a connection cap: refuse at once, other clients are unaffected
+            listener.refused += 1
+            transport.abort()
+            return
+        self.admitted = True
+        listener.connections.add(self)
+        self.deadline_kind = DL_IDLE
+        self.deadline = listener.loop_time() + listener.timeouts.client_header
+        listener.watchdog.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        listener = self.listener
+        if not self.admitted:
+            return
+        self.admitted = False
+        listener.limits.release(self.client_ip)
+        listener.connections.discard(self)
+        listener.watchdog.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+        if self.active is not None:
+            self.active.client_gone()
+            self.active = None
+        self.queue.clear()
+        self.parsing = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.active
+        if ex is not None and ex.conn is not None:
+            ex.conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.active
+        if ex is not None and ex.conn is not None and not ex.conn.closed:
+            ex.conn.transport.resume_reading()
+
+    def pause(self, reason: int) -> None:
+        if not self.read_pause and not self.closed:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self.read_pause |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.read_pause & reason:
+            self.read_pause &= ~reason
+            if not self.read_pause and not self.closed:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.send(data)
+            return
+        if self.read_pause & PAUSE_DONE:
+            return  # after `Connection: close` or an error: the rest is not read
+        if self.upgrade_pending:
+            # bytes after an upgrade request belong to the new protocol: hold them
+            if self.active is not None:
+                self.active.early_tunnel_data.append(data)
+            self.pause(PAUSE_DONE)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, RequestRejected):
+                self.reject(cause.status, cause.detail)
+            else:
+                log.exception("request handling failed", exc_info=cause)
+                self.reject(500, "internal error")
+            return
+        except httptools.HttpParserUpgrade as e:
+            offset = e.args[0] if e.args else len(data)
+            self.upgrade_pending = True
+            rest = data[offset:]
+            if rest and self.active is not None:
+                self.active.early_tunnel_data.append(rest)
+            self.pause(PAUSE_DONE)
+            return
+        except httptools.HttpParserError as e:
+            self.reject(400, f"malformed request: {e}")
+            return
+        if self.parsing is not None and self.deadline_kind == DL_HEAD:
+            # still inside a request head: enforce the size cap on what is buffered
+            self.head_size += len(data)
+            if self.head_size > self.listener.limits.config.max_header_bytes > 0:
+                self.reject(431, "request header fields too large")
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        listener = self.listener
+        ex = Exchange(self)
+        self.parsing = ex
+        self.head_size = 0
+        self.header_count = 0
+        if self.active is None:
+            self.deadline_kind = DL_HEAD
+            self.deadline = listener.loop_time() + listener.timeouts.client_header
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        ex.url += url  # type: ignore[union-attr]
+        if len(ex.url) > self.listener.max_head:  # type: ignore[union-attr]
+            raise RequestRejected(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        limits = self.listener.limits.config
+        if 0 < limits.max_headers < self.header_count:
+            raise RequestRejected(431, "too many request header fields")
+        self.head_size += len(name) + len(value) + 4
+        if 0 < limits.max_header_bytes < self.head_size:
+            raise RequestRejected(431, "request header fields too large")
+        self.parsing.headers.append((name, value))  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        p = self.parser
+        ex.method = p.get_method()
+        ex.version = p.get_http_version()
+        ex.keep_alive = p.should_keep_alive()
+        self.head_size = 0
+        ex.prepare()  # validates, routes and builds the forwarded head; may raise
+        listener = self.listener
+        if ex.chunked or ex.content_length > 0:
+            self.deadline_kind = DL_BODY
+            self.deadline = listener.loop_time() + listener.timeouts.client_idle
+        elif self.active is None:
+            self.deadline = 0.0
+        if self.active is None:
+            self.active = ex
+            ex.start()
+        else:
+            self.queue.append(ex)
+            self.pause(PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.body_received += len(body)
+        max_body = self.listener.limits.config.max_body_bytes
+        if max_body and ex.body_received > max_body:
+            raise RequestRejected(413, "request body too large")
+        if self.deadline_kind == DL_BODY:
+            self.deadline = self.listener.loop_time() + self.listener.timeouts.client_idle
+        if ex.chunked:
+            ex.request_body(b"%x\r\n%b\r\n" % (len(body), body))
+        else:
+            ex.request_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        self.parsing = None
+        if ex.chunked:
+            ex.request_body(CHUNKED_END)
+        if self.deadline_kind == DL_BODY or self.deadline_kind == DL_HEAD:
+            self.deadline = 0.0
+            self.deadline_kind = DL_IDLE
+        if not ex.keep_alive:
+            self.pause(PAUSE_DONE)
+        ex.request_done()
+
+    # -- exchanges -------------------------------------------------------------------------
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """The active exchange wrote its whole response."""
+        if self.active is not ex:
+            return
+        self.active = None
+        if ex.client_close or self.closing or self.closed:
+            self.close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.active = nxt
+            if not self.queue:
+                self.resume(PAUSE_PIPELINE)
+            nxt.start()
+            return
+        if self.parsing is None:
+            listener = self.listener
+            self.deadline_kind = DL_IDLE
+            self.deadline = listener.loop_time() + listener.timeouts.client_idle
+        elif self.parsing.prepared:
+            # the next request's head already arrived (its body is streaming in)
+            pass
+        else:
+            self.deadline_kind = DL_HEAD
+
+    def reject(self, status: int, detail: str) -> None:
+        """Answer a bad request with a local error and close after it."""
+        self.pause(PAUSE_DONE)
+        self.listener.rejected += 1
+        bad = self.parsing
+        self.parsing = None
+        log.info("%s: rejected request: %d %s", self.client_ip, status, detail)
+        if bad is not None and bad is self.active:
+            # mid-body of the request being proxied: its backend must not keep a half request
+            bad.abandon_upstream()
+            if bad.response_started:
+                self.close()
+                return
+            self.active = None
+        elif bad is not None and bad in self.queue:
+            self.queue.remove(bad)
+        ex = Exchange(self)
+        ex.local = local_response(status, detail)
+        ex.local_status = status
+        ex.client_close = True
+        if bad is not None:
+            ex.method, ex.url, ex.version = bad.method, bad.url, bad.version
+        if self.active is None:
+            self.active = ex
+            ex.start()
+        else:
+            self.queue.append(ex)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closing = True
+            self.transport.close()  # type: ignore[union-attr]
+
+    def shutdown(self) -> None:
+        """Graceful stop: an idle connection closes now, a busy one after its response."""
+        self.closing = True
+        if self.active is None and self.tunnel is None and self.parsing is None:
+            self.close()
+
+    def on_deadline(self, now: float) -> None:
+        kind = self.deadline_kind
+        if kind == DL_IDLE:
+            if self.active is None and self.parsing is None:
+                self.close()
+        elif kind in (DL_HEAD, DL_BODY):
+            if self.active is not None and self.parsing is None and kind == DL_HEAD:
+                return  # the head finished; the response is the backend's business now
+            self.reject(408, "client too slow to send its request")
+        elif kind == DL_TUNNEL:
+            self.close()
+
+
+class Exchange:
+    """One request and its response, from the parsed head to the last response byte.
+
+    Also the request context the strategies read (client_ip, path, header(), cookie()).
+    """
+
+    __slots__ = (
+        "client",
+        "listener",
+        "client_ip",
+        # the request
+        "method",
+        "url",
+        "version",
+        "headers",
+        "keep_alive",
+        "is_head",
+        "host",
+        "chunked",
+        "content_length",
+        "body_received",
+        "expect_continue",
+        "upgrade",
+        "fwd_head",
+        "needs_host",
+        "prepared",
+        "request_complete",
+        "sticky_tag",
+        "early_tunnel_data",
+        # proxying
+        "pool",
+        "backend",
+        "backend_name",
+        "conn",
+        "tried",
+        "attempts",
+        "body_buf",
+        "body_buf_size",
+        "replayable",
+        "body_sent",
+        "stale_retry",
+        "timed_out",
+        "gone",
+        # the response
+        "local",
+        "local_status",
+        "response_started",
+        "status",
+        "rechunk",
+        "client_close",
+        "bytes_out",
+        "started_at",
+        "finished",
+        "set_cookie",
+    )
+
+    def __init__(self, client: ClientProtocol) -> None:
+        self.client = client
+        self.listener = client.listener
+        self.client_ip = client.client_ip
+        self.method = b""
+        self.url = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = True
+        self.is_head = False
+        self.host = b""
+        self.chunked = False
+        self.content_length = -1
+        self.body_received = 0
+        self.expect_continue = False
+        self.upgrade = False
+        self.fwd_head = b""
+        self.needs_host = False
+        self.prepared = False
+        self.request_complete = False
+        self.sticky_tag: bytes | None = None
+        self.early_tunnel_data: list[bytes] = []
+        self.pool: Pool | None = None
+        self.backend: Backend | None = None
+        self.backend_name = "-"  # the last backend tried, for the access log
+        self.conn: up.UpstreamConnection | None = None
+        self.tried: list[Backend] = []
+        self.attempts = 0
+        self.body_buf: list[bytes] = []
+        self.body_buf_size = 0
+        self.replayable = True
+        self.body_sent = False
+        self.stale_retry = True
+        self.timed_out = False
+        self.gone = False
+        self.local: bytes | None = None
+        self.local_status = 0
+        self.response_started = False
+        self.status = 0
+        self.rechunk = False
+        self.client_close = False
+        self.bytes_out = 0
+        self.started_at = time.monotonic()
+        self.finished = False
+        self.set_cookie: bytes | None = None
+
+    # -- request context for strategies ----------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        url = self.url
+        q = url.find(b"?")
+        return (url[:q] if q >= 0 else url).decode("latin-1")
+
+    def header(self, name: str) -> str | None:
+        want = name.lower().encode()
+        for n, v in self.headers:
+            if n.lower() == want:
+                return v.decode("latin-1")
+        return None
+
+    def cookie(self, name: str) -> str | None:
+        want = name.encode()
+        for n, v in self.headers:
+            if n.lower() == b"cookie":
+                found = sticky_cookie.find_cookie(v, want)
+                if found is not None:
+                    return found.decode("latin-1")
+        return None
+
+    # -- request ---------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Validate the head, route it, and build the head sent to backends (RFC 9112)."""
+        client = self.client
+        listener = self.listener
+        method = self.method
+        self.is_head = method == b"HEAD"
+        if method == b"CONNECT":
+            raise RequestRejected(405, "CONNECT is not supported")
+        host_values: list[bytes] = []
+        conn_values: list[bytes] = []
+        xff: list[bytes] = []
+        cookies: list[bytes] = []
+        te = None
+        expect = None
+        upgrade_value = None
+        out: list[tuple[bytes, bytes, bytes]] = []
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == b"connection":
+                    conn_values.append(value)
+                elif lname == b"transfer-encoding":
+                    te = value if te is None else te + b"," + value
+                elif lname == b"upgrade":
+                    upgrade_value = value
+                continue
+            if lname == b"host":
+                host_values.append(value)
+            elif lname == b"content-length":
+                self.content_length = int(value)
+            elif lname == b"x-forwarded-for":
+                xff.append(value)
+                continue
+            elif lname == b"x-forwarded-proto" or lname == b"x-forwarded-host":
+                continue  # set by the balancer, never trusted from the client
+            elif lname == b"expect":
+                expect = value
+                continue
+            elif lname == b"cookie":
+                cookies.append(value)
+            out.append((name, value, lname))
+
+        url = self.url
+        if url[:1] != b"/" and url != b"*":
+            # absolute-form target: its authority replaces Host (RFC 9112 3.2.2)
+            scheme_end = url.find(b"://")
+            if scheme_end < 0:
+                raise RequestRejected(400, "invalid request target")
+            rest = url[scheme_end + 3 :]
+            slash = rest.find(b"/")
+            authority = rest if slash < 0 else rest[:slash]
+            self.url = url = b"/" if slash < 0 else rest[slash:]
+            host_values = [authority]
+            out = [h for h in out if h[2] != b"host"]
+            out.insert(0, (b"Host", authority, b"host"))
+        if len(host_values) > 1:
+            raise RequestRejected(400, "more than one Host header")
+        if host_values:
+            if not valid_host(host_values[0]):
+                raise RequestRejected(400, "invalid Host header")
+            self.host = host_values[0]
+        elif self.version == "1.1":
+            raise RequestRejected(400, "missing Host header")
+        else:
+            self.needs_host = True
+
+        if te is not None:
+            if te.strip().lower() != b"chunked":
+                raise RequestRejected(501, "unsupported transfer coding")
+            self.chunked = True
+        limits = listener.limits.config
+        if limits.max_body_bytes and self.content_length > limits.max_body_bytes:
+            raise RequestRejected(413, "request body too large")
+        if expect is not None:
+            if expect.strip().lower() != b"100-continue":
+                raise RequestRejected(417, "unsupported expectation")
+            self.expect_continue = self.version == "1.1"
+        tokens = connection_tokens(conn_values) if conn_values else None
+        if tokens:
+            named = tokens - {b"close", b"keep-alive", b"upgrade"}
+            if named:
+                out = [h for h in out if h[2] not in named]
+        if upgrade_value is not None and tokens and b"upgrade" in tokens:
+            self.upgrade = True
+
+        # -- local answers that need no backend --
+        if listener.redirect is not None:
+            target = listener.redirect.replace(b"{host}", host_without_port(self.host))
+            self.local = local_response(
+                301,
+                headers=[(b"Location", target + url)],
+                close=not self.keep_alive,
+                head_only=False,
+            )
+            self.local_status = 301
+            self.prepared = True
+            return
+        wait = listener.limits.retry_after(client.client_ip, listener.loop_time())
+        if wait:
+            self.local = local_response(
+                429,
+                "rate limit exceeded",
+                headers=[(b"Retry-After", b"%d" % max(1, round(wait + 0.5)))],
+            )
+            self.local_status = 429
+            self.client_close = True
+            self.prepared = True
+            return
+        pool = listener.router.match(host_without_port(self.host), url)
+        if pool is None:
+            self.local = local_response(
+                404, "no route for this host and path", close=not self.keep_alive
+            )
+            self.local_status = 404
+            self.prepared = True
+            return
+        self.pool = pool
+
+        # -- the head for the backend --
+        codec = pool.sticky
+        parts = [method, b" ", url, b" HTTP/1.1\r\n"]
+        for name, value, lname in out:
+            if lname == b"cookie" and codec is not None:
+                cookie_name = pool.sticky_cookie_name
+                found = sticky_cookie.find_cookie(value, cookie_name)
+                if found is not None:
+                    if self.sticky_tag is None:
+                        self.sticky_tag = codec.decode(found.decode("latin-1"), time.time())  # type: ignore[attr-defined]
+                    value = sticky_cookie.strip_cookie(value, cookie_name)
+                    if value is None:
+                        continue
+            parts += (name, b": ", value, CRLF)
+        xff.append(client.client_ip_b)
+        parts += (b"X-Forwarded-For: ", b", ".join(xff), CRLF)
+        parts += (b"X-Forwarded-Proto: ", listener.scheme, CRLF)
+        if self.host:
+            parts += (b"X-Forwarded-Host: ", self.host, CRLF)
+        if self.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if self.upgrade:
+            parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, CRLF)
+        parts.append(CRLF)
+        self.fwd_head = b"".join(parts)
+        self.prepared = True
+
+    def request_body(self, data: bytes) -> None:
+        """Body bytes from the client, already framed for the backend."""
+        if self.finished or self.gone:
+            return
+        conn = self.conn
+        if conn is not None:
+            conn.send(data)
+            self.body_sent = True
+            if not self.replayable:
+                return
+        self.body_buf.append(data)
+        self.body_buf_size += len(data)
+        if conn is not None:
+            if self.body_buf_size > REPLAY_LIMIT:
+                self.replayable = False
+                self.body_buf.clear()
+        elif self.body_buf_size > CONNECT_BUFFER:
+            self.replayable = False
+            self.client.pause(PAUSE_CONNECTING)
+
+    def request_done(self) -> None:
+        self.request_complete = True
+        if self.conn is not None:
+            self.conn.request_sent()
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Called when this exchange becomes the connection's active one."""
+        if self.local is not None:
+            self._send_local(self.local, self.local_status)
+            return
+        client = self.client
+        if client.closed:
+            return
+        if client.closing:
+            self.client_close = True
+        if self.expect_continue and not self.request_complete:
+            client.write(CONTINUE_100)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        b = None
+        tried = self.tried
+        if self.sticky_tag is not None:
+            b = pool.sticky_backend(self.sticky_tag, tried)
+        if b is None:
+            b = pool.select(self, tried)
+        if b is None:
+            if not tried and pool.all_full():
+                asyncio.get_running_loop().create_task(self._queue_for_capacity(pool))
+                return
+            if tried:
+                self._fail(504 if self.timed_out else 502, "no backend could answer")
+            else:
+                self._fail(503, "no healthy backend")
+            return
+        self.attempts += 1
+        self.backend = b
+        self.backend_name = b.name
+        pool.begin(b)
+        conns = self.listener.upstreams.for_backend(b)
+        conn = conns.acquire_idle()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            asyncio.get_running_loop().create_task(self._connect(conns, b))
+
+    async def _queue_for_capacity(self, pool: Pool) -> None:
+        ok = await pool.wait_for_capacity(pool.config.queue.timeout)
+        if self.gone:
+            return
+        if ok:
+            self.dispatch()
+        else:
+            self._fail(503, "all backends are at their connection limit")
+
+    async def _connect(self, conns: up.BackendConnections, b: Backend) -> None:
+        try:
+            conn = await conns.connect()
+        except (TimeoutError, OSError) as e:
+            if isinstance(e, asyncio.TimeoutError):
+                self.timed_out = True
+            if self.gone:
+                self.pool.release(b, failed=True)  # type: ignore[union-attr]
+                return
+            self._backend_failed(up.FAIL_CONNECT, e)
+            return
+        if self.gone or self.backend is not b:
+            # the client left while we connected: keep the fresh connection for the next one
+            conns.release(conn)
+            if self.backend is b:
+                self.pool.release(b)  # type: ignore[union-attr]
+                self.backend = None
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: up.UpstreamConnection) -> None:
+        self.conn = conn
+        conn.exchange = self
+        head = self.fwd_head
+        if self.needs_host:
+            b = self.backend
+            head = head[:-2] + b"Host: " + b.address.encode() + b"\r\n\r\n"  # type: ignore[union-attr]
+        if self.body_buf:
+            conn.send(head + b"".join(self.body_buf))
+            self.body_sent = True
+            if not self.replayable or self.body_buf_size > REPLAY_LIMIT:
+                self.replayable = False
+                self.body_buf.clear()
+        else:
+            conn.send(head)
+        client = self.client
+        if client.write_paused:
+            conn.transport.pause_reading()
+        client.resume(PAUSE_CONNECTING)
+        if self.request_complete:
+            conn.request_sent()
+
+    # -- callbacks from the upstream connection --------------------------------------------
+
+    def upstream_failed(self, kind: str, reused: bool, exc: BaseException | None) -> None:
+        """The backend connection failed before any response byte arrived."""
+        self.conn = None
+        if self.gone:
+            if self.backend is not None:
+                self.pool.release(self.backend)  # type: ignore[union-attr]
+                self.backend = None
+            return
+        b = self.backend
+        can_replay = self.replayable or not self.body_sent
+        if kind == up.FAIL_RESET and reused and self.stale_retry and can_replay:
+            # a pooled keep-alive connection the backend had already closed: not the
+            # backend's fault, and it never saw the request; try once on a fresh connection
+            self.stale_retry = False
+            conns = self.listener.upstreams.for_backend(b)  # type: ignore[arg-type]
+            asyncio.get_running_loop().create_task(self._connect(conns, b))  # type: ignore[arg-type]
+            return
+        if kind == up.FAIL_TIMEOUT:
+            self.timed_out = True
+        self._backend_failed(kind, exc)
+
+    def _backend_failed(self, kind: str, exc: BaseException | None) -> None:
+        b = self.backend
+        pool = self.pool
+        assert b is not None and pool is not None
+        self.backend = None
+        pool.release(b, failed=True)
+        self.tried.append(b)
+        self.listener.observer.backend_failed(self, b, kind)
+        log.info(
+            "%s %s: backend %s (%s) failed (%s: %s)",
+            self.method.decode("latin-1"),
+            self.url[:200].decode("latin-1"),
+            b.name,
+            b.address,
+            kind,
+            exc,
+        )
+        can_replay = self.replayable or not self.body_sent
+        retryable = can_replay and (
+            kind == up.FAIL_CONNECT
+            or (kind in (up.FAIL_RESET, up.FAIL_PROTOCOL) and self.method in IDEMPOTENT)
+        )
+        if retryable and self.attempts <= pool.config.retries:
+            self.listener.observer.retried(self, b)
+            if self.body_buf and self.body_sent:
+                self.body_sent = False  # the replay buffer goes out whole to the next backend
+            self.dispatch()
+            return
+        if kind == up.FAIL_TIMEOUT or self.timed_out:
+            self._fail(504, "backend too slow")
+        else:
+            self._fail(502, "backend failed before answering")
+
+    def upstream_broken(self, why: str) -> None:
+        """The backend failed mid-response: the client must not see a complete-looking one."""
+        self.conn = None
+        b = self.backend
+        if b is not None:
+            self.pool.release(b, failed=True)  # type: ignore[union-attr]
+            self.backend = None
+        log.warning(
+            "%s %s: %s; closing client connection",
+            self.method.decode(),
+            self.url[:200].decode("latin-1"),
+            why,
+        )
+        self.status = self.status or 502
+        self.finished = True
+        self.listener.observer.request_done(self, broken=True)
+        self.client.active = None
+        if not self.client.closed:
+            self.client.transport.abort()  # type: ignore[union-attr]
+
+    def upstream_pause_writing(self) -> None:
+        self.client.pause(PAUSE_UPSTREAM)
+
+    def upstream_resume_writing(self) -> None:
+        self.client.resume(PAUSE_UPSTREAM)
+
+    def response_head(self, conn: up.UpstreamConnection, *, has_body: bool, rechunk: bool) -> None:
+        client = self.client
+        self.response_started = True
+        self.status = status = conn.status
+        self.body_buf.clear()
+        self.replayable = False
+        close = (
+            client.closing
+            or not self.keep_alive
+            or self.listener.draining
+            or not self.request_complete
+            or self.client_close
+        )
+        http10 = self.version == "1.0"
+        if has_body and rechunk and http10:
+            rechunk = False
+            close = True  # a 1.0 client reads this body until the connection closes
+        self.rechunk = has_body and rechunk
+        parts = [b"HTTP/1.1 %d " % status, conn.reason or b"-", CRLF]
+        for name, value in conn.client_headers():
+            parts += (name, b": ", value, CRLF)
+        if self.rechunk:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        pool = self.pool
+        if pool is not None and pool.sticky is not None and status != 101:
+            b = self.backend
+            if b is not None and (
+                self.sticky_tag is None or pool.sticky_backend(self.sticky_tag) is not b
+            ):
+                self.set_cookie = pool.sticky_cookie_header(
+                    b, secure=self.listener.scheme == b"https"
+                )
+                parts += (b"Set-Cookie: ", self.set_cookie, CRLF)
+        if status != 101:
+            if close:
+                parts.append(b"Connection: close\r\n")
+            elif http10:
+                parts.append(b"Connection: keep-alive\r\n")
+        parts.append(CRLF)
+        self.client_close = close
+        head = b"".join(parts)
+        self.bytes_out += len(head)
+        client.write(head)
+
+    def response_body(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.rechunk:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self.bytes_out += len(data)
+        self.client.write(data)
+
+    def response_done(self, reusable: bool) -> None:
+        self.conn = None
+        if self.rechunk:
+            self.client.write(CHUNKED_END)
+            self.bytes_out += 5
+        b = self.backend
+        if b is not None:
+            self.pool.release(b, failed=self.status >= 500)  # type: ignore[union-attr]
+        self._finish()
+
+    # -- upgrade (WebSocket) ---------------------------------------------------------------
+
+    def tunnel_open(self, conn: up.UpstreamConnection) -> bool:
+        client = self.client
+        if client.closed:
+            conn.close()
+            return False
+        client.tunnel = conn
+        client.deadline = 0.0
+        for data in self.early_tunnel_data:
+            conn.send(data)
+        self.early_tunnel_data.clear()
+        client.read_pause &= ~PAUSE_DONE
+        if not client.read_pause:
+            client.transport.resume_reading()  # type: ignore[union-attr]
+        return True
+
+    def tunnel_from_upstream(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.client.write(data)
+
+    def tunnel_closed(self) -> None:
+        self.conn = None
+        b = self.backend
+        if b is not None:
+            self.pool.release(b)  # type: ignore[union-attr]
+            self.backend = None
+        if not self.finished:
+            self.finished = True
+            self.listener.observer.request_done(self)
+        self.client.tunnel = None
+        self.client.close()
+
+    # -- endings ---------------------------------------------------------------------------
+
+    def abandon_upstream(self) -> None:
+        """The client's request turned out bad mid-body: drop the half-sent request."""
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.abort()
+        if self.backend is not None:
+            self.pool.release(self.backend)  # type: ignore[union-attr]
+            self.backend = None
+        self.gone = True
+
+    def client_gone(self) -> None:
+        """The client closed its connection while this exchange was active."""
+        if self.gone:
+            return
+        self.gone = True
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            if conn.state == up.TUNNEL:
+                conn.close()
+            else:
+                conn.abort()  # a response is in flight on it: it can't be reused
+        if self.backend is not None and self.pool is not None:
+            self.pool.release(self.backend)
+            self.backend = None
+        if not self.finished:
+            self.finished = True
+            self.status = self.status or 499
+            self.listener.observer.request_done(self, broken=True)
+
+    def _fail(self, status: int, detail: str) -> None:
+        self.client_close = self.client_close or not self.request_complete or not self.keep_alive
+        self._send_local(local_response(status, detail, close=self.client_close), status)
+
+    def _send_local(self, data: bytes, status: int) -> None:
+        self.status = status
+        self.response_started = True
+        client = self.client
+        if not client.closed:
+            if self.is_head:
+                data = data[: data.find(b"\r\n\r\n") + 4]
+            self.bytes_out += len(data)
+            client.write(data)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.listener.observer.request_done(self)
+        self.client.exchange_done(self)

@@ -1,0 +1,505 @@
+"""Upstream side: one backend connection (response parsing, raw body relay) and idle pools.
+
+A connection belongs to at most one exchange at a time. Between exchanges it waits in its
+backend's idle stack (last in, first out: the warmest connection is reused first) until it is
+reused, closed by the backend, or closed by the idle sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import httptools
+
+from balancer.proxy.http import HOP_BY_HOP
+
+if TYPE_CHECKING:
+    from balancer.backend import Backend
+    from balancer.proxy.client import Exchange
+
+log = logging.getLogger("balancer.proxy")
+
+MAX_RESPONSE_HEAD = 65536
+
+# What the response body looks like on the wire, decided once its head is parsed.
+HEAD = 0  # reading the response head
+BODY_LENGTH = 1  # Content-Length: bytes relayed raw, counted down (the fast path)
+BODY_CHUNKED = 2  # chunked: the parser finds the end; chunks re-framed for the client
+BODY_EOF = 3  # neither: the body ends when the backend closes
+TUNNEL = 4  # after 101 Switching Protocols: bytes spliced both ways
+DONE = 5
+
+# Why an exchange lost its backend connection.
+FAIL_CONNECT = "connect"  # never connected: the request was not sent
+FAIL_RESET = "reset"  # closed or reset before any response byte
+FAIL_TIMEOUT = "timeout"  # no response (or no next byte) within timeouts.backend
+FAIL_PROTOCOL = "protocol"  # the backend's answer was not valid HTTP
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to a backend."""
+
+    __slots__ = (
+        "pool",
+        "transport",
+        "exchange",
+        "reused",
+        "closed",
+        "idle_since",
+        "deadline",
+        # response parsing
+        "state",
+        "head_buf",
+        "parser",
+        "status",
+        "reason",
+        "headers",
+        "content_length",
+        "chunked",
+        "conn_close",
+        "upgrade_header",
+        "remaining",
+        "received_any",
+        "message_complete",
+    )
+
+    def __init__(self, pool: BackendConnections) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.reused = False
+        self.closed = False
+        self.idle_since = 0.0
+        self.deadline = 0.0  # loop time after which the watchdog calls on_deadline()
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        self.state = HEAD
+        self.head_buf = b""
+        self.parser: httptools.HttpResponseParser | None = None
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length = -1
+        self.chunked = False
+        self.conn_close = False
+        self.upgrade_header = False
+        self.remaining = 0
+        self.received_any = False
+        self.message_complete = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.watchdog.discard(self)
+        ex = self.exchange
+        if ex is None:
+            self.pool.forget(self)
+            return
+        self.exchange = None
+        state = self.state
+        if state == BODY_EOF:
+            ex.response_done(reusable=False)
+        elif state in (TUNNEL, DONE):
+            ex.tunnel_closed()
+        elif not self.received_any:
+            ex.upstream_failed(FAIL_RESET, self.reused, exc)
+        else:
+            ex.upstream_broken("backend closed the connection mid-response")
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            # an idle keep-alive connection has nothing to say; whatever it sent is junk
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        self.received_any = True
+        state = self.state
+        if state == BODY_LENGTH:
+            self.deadline = self.pool.loop_time() + self.pool.backend_timeout
+            n = len(data)
+            if n < self.remaining:
+                self.remaining -= n
+                ex.response_body(data)
+            else:
+                extra = n > self.remaining
+                if extra:
+                    data = data[: self.remaining]
+                self.remaining = 0
+                ex.response_body(data)
+                self._finish(reusable=not extra)
+        elif state == HEAD:
+            self.deadline = self.pool.loop_time() + self.pool.backend_timeout
+            self._head_data(data)
+        elif state == BODY_CHUNKED:
+            self.deadline = self.pool.loop_time() + self.pool.backend_timeout
+            self._feed(data)
+            if self.message_complete:
+                self._finish(reusable=True)
+        elif state == BODY_EOF:
+            self.deadline = self.pool.loop_time() + self.pool.backend_timeout
+            ex.response_body(data)
+        elif state == TUNNEL:
+            ex.tunnel_from_upstream(data)
+
+    # -- response head ---------------------------------------------------------------------
+
+    def _head_data(self, data: bytes) -> None:
+        if self.head_buf:
+            data = self.head_buf + data
+            self.head_buf = b""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > MAX_RESPONSE_HEAD:
+                self._protocol_error("response head too large")
+            else:
+                self.head_buf = data
+            return
+        end += 4
+        self.parser = httptools.HttpResponseParser(self)
+        self._feed(data[:end])
+        if self.state != HEAD or self.exchange is None:
+            return
+        if self.status == 0:
+            self._protocol_error("incomplete response head")
+            return
+        rest = data[end:]
+        if 100 <= self.status < 200 and self.status != 101:
+            # interim response (100 Continue, 103 Early Hints): the balancer handles
+            # Expect itself, so drop it and read the final response
+            self._reset_response()
+            self.received_any = True
+            if rest:
+                self._head_data(rest)
+            return
+        self._start_body(rest)
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)  # type: ignore[union-attr]
+        except httptools.HttpParserError as e:
+            self._protocol_error(f"invalid response: {e}")
+
+    def _protocol_error(self, why: str) -> None:
+        ex = self.exchange
+        self.exchange = None
+        self.transport.abort()  # type: ignore[union-attr]
+        if ex is not None:
+            if self.state == HEAD:
+                ex.upstream_failed(FAIL_PROTOCOL, self.reused, ValueError(why))
+            else:
+                ex.upstream_broken(why)
+
+    def _start_body(self, rest: bytes) -> None:
+        ex = self.exchange
+        assert ex is not None
+        status = self.status
+        if status == 101:
+            if not ex.upgrade:
+                self._protocol_error("101 Switching Protocols without an upgrade request")
+                return
+            self.state = TUNNEL
+            self.pool.watchdog.discard(self)
+            ex.response_head(self, has_body=False, rechunk=False)
+            if ex.tunnel_open(self) and rest:
+                ex.tunnel_from_upstream(rest)
+            return
+        no_body = ex.is_head or status == 204 or status == 304
+        if no_body:
+            ex.response_head(self, has_body=False, rechunk=False)
+            self._finish(reusable=not rest and not self.conn_close)
+        elif self.chunked:
+            self.state = BODY_CHUNKED
+            self.message_complete = False
+            ex.response_head(self, has_body=True, rechunk=True)
+            if rest and self.exchange is ex:
+                self._feed(rest)
+                if self.message_complete:
+                    self._finish(reusable=True)
+        elif self.content_length >= 0:
+            self.remaining = self.content_length
+            ex.response_head(self, has_body=True, rechunk=False)
+            if self.exchange is not ex:
+                return
+            if self.remaining == 0:
+                self._finish(reusable=not rest)
+            else:
+                self.state = BODY_LENGTH
+                if rest:
+                    self.data_received(rest)
+        else:
+            self.state = BODY_EOF
+            self.conn_close = True
+            ex.response_head(self, has_body=True, rechunk=True)
+            if rest and self.exchange is ex:
+                ex.response_body(rest)
+
+    def _finish(self, reusable: bool) -> None:
+        ex = self.exchange
+        self.state = DONE
+        self.exchange = None
+        self.deadline = 0.0
+        if reusable and not self.conn_close:
+            self.pool.release(self)
+        else:
+            self.close()
+        if ex is not None:
+            ex.response_done(reusable=reusable)
+
+    # -- httptools callbacks (response head, and chunked bodies) ---------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname == b"content-length":
+            self.content_length = int(value)
+        elif lname == b"transfer-encoding":
+            self.chunked = value.strip().lower().endswith(b"chunked")
+        elif lname == b"connection":
+            v = value.lower()
+            if b"close" in v:
+                self.conn_close = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        self.status = p.get_status_code()  # type: ignore[union-attr]
+        if p.get_http_version() == "1.0" and not p.should_keep_alive():  # type: ignore[union-attr]
+            self.conn_close = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.response_body(body)
+
+    def on_message_complete(self) -> None:
+        self.message_complete = True
+
+    # -- used by the exchange --------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def request_sent(self) -> None:
+        """The whole request is on its way: the backend's response time starts now."""
+        if self.state == HEAD:
+            self.deadline = self.pool.loop_time() + self.pool.backend_timeout
+            self.pool.watchdog.add(self)
+
+    def on_deadline(self, now: float) -> None:
+        if self.exchange is None:  # idle too long in the pool
+            self.close()
+            return
+        ex = self.exchange
+        self.exchange = None
+        self.transport.abort()  # type: ignore[union-attr]
+        if self.received_any and self.state != HEAD:
+            ex.upstream_broken("backend stopped sending mid-response")
+        else:
+            ex.upstream_failed(FAIL_TIMEOUT, self.reused, TimeoutError("backend response timeout"))
+
+    def close(self) -> None:
+        self.exchange = None
+        if not self.closed:
+            self.closed = True
+            self.pool.watchdog.discard(self)
+            self.transport.close()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        self.exchange = None
+        if not self.closed:
+            self.closed = True
+            self.pool.watchdog.discard(self)
+            self.transport.abort()  # type: ignore[union-attr]
+
+    def client_headers(self) -> list[tuple[bytes, bytes]]:
+        """Response headers minus hop-by-hop ones (and any the Connection header names)."""
+        named: set[bytes] = set()
+        for n, v in self.headers:
+            if n.lower() == b"connection":
+                named.update(t.strip().lower() for t in v.split(b","))
+        out = []
+        keep_upgrade = self.status == 101
+        for n, v in self.headers:
+            ln = n.lower()
+            if ln in HOP_BY_HOP or ln in named:
+                if keep_upgrade and (ln == b"upgrade" or ln == b"connection"):
+                    out.append((n, v))
+                continue
+            out.append((n, v))
+        return out
+
+
+class Watchdog:
+    """One periodic sweep enforcing every connection's deadline.
+
+    Cheaper than a timer per request: the hot path only stores a float; the sweep runs a few
+    times a second over the live connections.
+    """
+
+    __slots__ = ("_items", "_handle", "_loop", "period")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, period: float = 0.1) -> None:
+        self._items: set = set()
+        self._loop = loop
+        self.period = period
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, item: object) -> None:
+        self._items.add(item)
+
+    def discard(self, item: object) -> None:
+        self._items.discard(item)
+
+    def start(self) -> None:
+        self._handle = self._loop.call_later(self.period, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        for item in [i for i in self._items if 0.0 < i.deadline <= now]:
+            item.deadline = 0.0
+            try:
+                item.on_deadline(now)
+            except Exception:
+                log.exception("deadline handler failed")
+        self._handle = self._loop.call_later(self.period, self._tick)
+
+
+class BackendConnections:
+    """Idle keep-alive connections to one backend address, and new connections to it."""
+
+    __slots__ = (
+        "host",
+        "port",
+        "idle",
+        "max_idle",
+        "watchdog",
+        "loop_time",
+        "backend_timeout",
+        "idle_timeout",
+        "connect_timeout",
+        "_loop",
+    )
+
+    def __init__(self, host: str, port: int, upstreams: Upstreams) -> None:
+        self.host = host
+        self.port = port
+        self.idle: list[UpstreamConnection] = []
+        self.max_idle = upstreams.max_idle
+        self.watchdog = upstreams.watchdog
+        self._loop = upstreams.loop
+        self.loop_time = upstreams.loop.time
+        self.backend_timeout = upstreams.backend_timeout
+        self.idle_timeout = upstreams.idle_timeout
+        self.connect_timeout = upstreams.connect_timeout
+
+    def acquire_idle(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
+                conn.deadline = 0.0
+                conn.reused = True
+                conn._reset_response()
+                return conn
+            self.watchdog.discard(conn)
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        _, conn = await asyncio.wait_for(
+            self._loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
+            self.connect_timeout,
+        )
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = now = self.loop_time()
+        conn.deadline = now + self.idle_timeout
+        self.watchdog.add(conn)
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """An idle connection was closed by the backend."""
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def close_idle(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+class Upstreams:
+    """Connection pools for every backend address, shared by all listeners and kept across
+    reloads (a backend whose address is unchanged keeps its warm connections)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        watchdog: Watchdog,
+        *,
+        connect_timeout: float,
+        backend_timeout: float,
+        idle_timeout: float,
+        max_idle: int = 256,
+    ) -> None:
+        self.loop = loop
+        self.watchdog = watchdog
+        self.connect_timeout = connect_timeout
+        self.backend_timeout = backend_timeout
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self._by_address: dict[tuple[str, int], BackendConnections] = {}
+
+    def for_backend(self, backend: Backend) -> BackendConnections:
+        key = (backend.host, backend.port)
+        conns = self._by_address.get(key)
+        if conns is None:
+            conns = self._by_address[key] = BackendConnections(backend.host, backend.port, self)
+        return conns
+
+    def retune(
+        self, *, connect_timeout: float, backend_timeout: float, idle_timeout: float
+    ) -> None:
+        """Apply reloaded timeouts to existing and future pools."""
+        self.connect_timeout = connect_timeout
+        self.backend_timeout = backend_timeout
+        self.idle_timeout = idle_timeout
+        for c in self._by_address.values():
+            c.connect_timeout = connect_timeout
+            c.backend_timeout = backend_timeout
+            c.idle_timeout = idle_timeout
+
+    def drop(self, host: str, port: int) -> None:
+        conns = self._by_address.pop((host, port), None)
+        if conns is not None:
+            conns.close_idle()
+
+    def close_all(self) -> None:
+        for conns in self._by_address.values():
+            conns.close_idle()
+        self._by_address.clear()
