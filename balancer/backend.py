@@ -35,6 +35,7 @@ class Backend:
         "ejected_until",
         "consecutive_failures",
         "ejections",
+        "ejection_ended",
         "slow_start_until",
         "slow_start_began",
         # live load
@@ -66,6 +67,7 @@ class Backend:
         self.ejected_until = 0.0
         self.consecutive_failures = 0  # live-traffic failures in a row (passive detection)
         self.ejections = 0  # how often ejected; the ejection time doubles with each
+        self.ejection_ended = 0.0  # pool clock time of the last ejection's end (for decay)
         self.slow_start_until = 0.0
         self.slow_start_began = 0.0
         self.inflight = 0

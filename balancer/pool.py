@@ -187,8 +187,10 @@ class Pool:
         if backend.ejected_until:
             return False
         limit = self.config.passive_health.max_ejected_percent
-        ejected = sum(1 for b in self.backends if b.ejected_until)
-        if (ejected + 1) * 100 > limit * len(self.backends):
+        # backends already down by active checks count against the cap too: passive
+        # detection must not be what takes a pool's last eligible backends away
+        out = sum(1 for b in self.backends if b.ejected_until or not b.healthy)
+        if (out + 1) * 100 > limit * len(self.backends):
             return False
         backend.ejected_until = self.clock() + duration
         log.warning(
@@ -213,12 +215,19 @@ class Pool:
         """Periodic: end expired ejections and advance slow-start ramps."""
         now = self.clock()
         changed = self.ramping
+        decay_after = self.config.passive_health.max_ejection_time
         for b in self.backends:
             if b.ejected_until and b.ejected_until <= now:
                 b.ejected_until = 0.0
+                b.ejection_ended = now
                 log.warning("pool %s: backend %s back from ejection", self.name, b.name)
                 self._start_slow_start(b)
                 changed = True
+            elif b.ejections and not b.ejected_until and now - b.ejection_ended > decay_after:
+                # a long good spell earns back one doubling step (as Envoy decays its
+                # ejection multiplier), so an old incident doesn't lengthen ejections forever
+                b.ejections -= 1
+                b.ejection_ended = now
         if changed:
             self.refresh()
 
@@ -261,13 +270,12 @@ class Pool:
         """Rebuild the strategy over the eligible backends and swap it in."""
         now = self.clock()
         threshold = self.config.panic_threshold
-        total = len(self.backends)
+        # only backends the operator left in service count: draining a few must not
+        # push the pool into panic and send traffic to the ones that are down
+        in_service = [b for b in self.backends if b.admin_state is BackendState.UP]
+        total = len(in_service)
         if threshold and total:
-            healthy = sum(
-                1
-                for b in self.backends
-                if b.admin_state is BackendState.UP and b.healthy and not b.ejected_until
-            )
+            healthy = sum(1 for b in in_service if b.healthy and not b.ejected_until)
             panic = healthy * 100 < threshold * total
             if panic != self.panic:
                 self.panic = panic
@@ -298,7 +306,11 @@ class Pool:
                 ramping = True
             weights.append(w)
         self.ramping = ramping
-        self.strategy = self.strategy_class(eligible, self.options, weights)
+        strategy = self.strategy_class(eligible, self.options, weights)
+        # keep the rotation where it was: a rebuild on every slow-start tick or health flip
+        # must not restart round robin at the first backend each time
+        strategy.carry_state(self.strategy)
+        self.strategy = strategy
         if self.sticky is not None:
             self._by_tag = {self.sticky_tag(b): b for b in self.backends}
 

@@ -67,6 +67,14 @@ class Strategy(ABC):
     def select(self, ctx: RequestContext, exclude: Collection[Backend] = ()) -> Backend | None:
         """The backend for this request, or None when every usable one is excluded or full."""
 
+    def carry_state(self, previous: Strategy) -> None:
+        """Take over the rotation state of `previous`, the snapshot this one replaces.
+
+        The pool rebuilds its strategy on every health flip, weight change and slow-start
+        tick; a stateful strategy (a round-robin position, smooth-weight scores) overrides
+        this so that a rebuild doesn't restart its rotation. Stateless ones keep the default.
+        """
+
     @staticmethod
     def usable(backend: Backend, exclude: Collection[Backend]) -> bool:
         return not backend.full and backend not in exclude

@@ -327,10 +327,12 @@ def test_drained_and_disabled_never_selected_even_in_panic() -> None:
     pool.set_admin_state(b0, BackendState.DISABLED)
     pool.set_admin_state(b1, BackendState.DRAINING)
     pool.set_healthy(b2, False)
-    assert pool.panic
-    assert picks(pool, 40) == Counter({"b2": 20, "b3": 20})
+    # only the two in service count: one of two healthy is 50%, not below the threshold
+    assert not pool.panic
+    assert picks(pool, 40) == Counter({"b3": 40})
 
-    pool.set_healthy(b3, False)  # nothing healthy at all: still only the two not drained
+    pool.set_healthy(b3, False)  # nothing healthy at all: panic, still only the two not drained
+    assert pool.panic
     assert picks(pool, 40) == Counter({"b2": 20, "b3": 20})
 
 

@@ -1,0 +1,253 @@
+"""Layer-4 mode: a listener that splices each client TCP connection to one backend of a pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from balancer.config import ListenerConfig
+
+if TYPE_CHECKING:
+    from balancer.backend import Backend
+    from balancer.daemon import Daemon
+    from balancer.pool import Pool
+
+log = logging.getLogger("balancer.tcp")
+
+PRECONNECT_BUFFER = 256 * 1024  # client bytes held while the backend connection is made
+
+
+class TcpContext:
+    """Request context for strategies: a TCP connection only has its client address."""
+
+    __slots__ = ("client_ip",)
+    path = ""
+
+    def __init__(self, client_ip: str) -> None:
+        self.client_ip = client_ip
+
+    def header(self, name: str) -> None:
+        return None
+
+    def cookie(self, name: str) -> None:
+        return None
+
+
+class TcpUpstream(asyncio.Protocol):
+    __slots__ = ("client", "transport")
+
+    def __init__(self, client: TcpClient) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.client.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        # half-close: pass the backend's FIN on, keep reading the client
+        t = self.client.transport
+        if t is not None and t.can_write_eof() and not t.is_closing():
+            t.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.upstream_lost()
+
+    def pause_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client.transport is not None and not self.client.transport.is_closing():
+            self.client.transport.resume_reading()
+
+
+class TcpClient(asyncio.Protocol):
+    """One client connection in TCP mode."""
+
+    __slots__ = (
+        "listener",
+        "transport",
+        "client_ip",
+        "upstream",
+        "backend",
+        "pending",
+        "pending_size",
+        "closed",
+        "admitted",
+        "tried",
+    )
+
+    def __init__(self, listener: TcpListener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self.upstream: TcpUpstream | None = None
+        self.backend: Backend | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.closed = False
+        self.admitted = False
+        self.tried: list[Backend] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else "unknown"
+        listener = self.listener
+        if not listener.daemon.limits.admit(self.client_ip):
+            listener.refused += 1
+            transport.abort()
+            return
+        self.admitted = True
+        listener.connections.add(self)
+        asyncio.get_running_loop().create_task(self._connect(listener.pool))
+
+    async def _connect(self, pool: Pool) -> None:
+        ctx = TcpContext(self.client_ip)
+        upstreams = self.listener.daemon.upstreams
+        for _ in range(pool.config.retries + 1):
+            b = pool.select(ctx, self.tried)
+            if b is None:
+                break
+            pool.begin(b)
+            try:
+                _, up = await asyncio.wait_for(
+                    asyncio.get_running_loop().create_connection(
+                        lambda: TcpUpstream(self), b.host, b.port
+                    ),
+                    upstreams.connect_timeout,
+                )
+            except (OSError, asyncio.TimeoutError) as e:
+                pool.release(b, failed=True)
+                self.tried.append(b)
+                log.info(
+                    "tcp %s: backend %s (%s) failed: %s",
+                    self.listener.name,
+                    b.name,
+                    b.address,
+                    e or "timeout",
+                )
+                continue
+            if self.closed:
+                pool.release(b)
+                up.transport.close()
+                return
+            self.backend = b
+            self.upstream = up
+            if self.pending:
+                up.transport.write(b"".join(self.pending))
+                self.pending.clear()
+                self.transport.resume_reading()  # type: ignore[union-attr]
+            return
+        log.warning("tcp %s: no backend available for %s", self.listener.name, self.client_ip)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        up = self.upstream
+        if up is not None:
+            up.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > PRECONNECT_BUFFER:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        up = self.upstream
+        if up is not None and up.transport is not None and up.transport.can_write_eof():
+            up.transport.write_eof()
+            return True
+        return False
+
+    def from_upstream(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None and not up.transport.is_closing():
+            up.transport.resume_reading()
+
+    def upstream_lost(self) -> None:
+        self._release()
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.admitted:
+            self.admitted = False
+            self.listener.daemon.limits.release(self.client_ip)
+            self.listener.connections.discard(self)
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.close()
+        self._release()
+
+    def _release(self) -> None:
+        b = self.backend
+        if b is not None:
+            self.backend = None
+            self.listener.pool.release(b)
+
+
+class TcpListener:
+    def __init__(self, config: ListenerConfig, *, pool: Pool, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.connections: set[TcpClient] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.refused = 0
+        self.apply(config, pool=pool)
+
+    def apply(self, config: ListenerConfig, *, pool: Pool) -> None:
+        self.config = config
+        self.name = config.name
+        self.pool = pool
+
+    async def start(self, *, reuse_port: bool = False) -> None:
+        bind = self.config.bind
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: TcpClient(self),
+            bind.host,
+            bind.port,
+            reuse_address=True,
+            reuse_port=reuse_port,
+            backlog=2048,
+            family=socket.AF_INET6 if ":" in bind.host else socket.AF_INET,
+        )
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def shutdown_connections(self) -> None:
+        """TCP sessions can't be ended politely from the middle: they get the drain time to
+        finish on their own, then abort_connections()."""
+
+    def abort_connections(self) -> None:
+        for c in list(self.connections):
+            if c.transport is not None:
+                c.transport.abort()
+
+    def status(self) -> dict:
+        return {
+            "name": self.name,
+            "bind": str(self.config.bind),
+            "mode": "tcp",
+            "tls": False,
+            "pool": self.pool.name,
+            "connections": len(self.connections),
+            "refused": self.refused,
+        }

@@ -1,0 +1,97 @@
+"""TLS termination: server SSLContexts with modern defaults and SNI certificate selection."""
+
+from __future__ import annotations
+
+import ssl
+
+from balancer.config import TlsConfig
+
+# ECDHE with AEAD ciphers only for TLS 1.2 (TLS 1.3 suites are all modern and not set here)
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5:!DSS:!SHA1:!CBC"
+
+
+def _base_context(min_version: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def _names_of(cert_file: str) -> list[str]:
+    """DNS names (SAN, else CN) of the first certificate in a PEM file."""
+    try:
+        info = ssl._ssl._test_decode_cert(cert_file)  # type: ignore[attr-defined]
+    except (ssl.SSLError, OSError, AttributeError):
+        return []
+    names = [v for k, v in info.get("subjectAltName", ()) if k == "DNS"]
+    if not names:
+        for rdn in info.get("subject", ()):
+            for k, v in rdn:
+                if k == "commonName":
+                    names.append(v)
+    return [n.lower() for n in names]
+
+
+class SniSelector:
+    """Maps a client's SNI name to the context holding the matching certificate; the first
+    certificate is the default when no name matches or the client sends none."""
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self.load(tls)
+
+    def load(self, tls: TlsConfig) -> None:
+        exact: dict[str, ssl.SSLContext] = {}
+        wildcard: dict[str, ssl.SSLContext] = {}
+        contexts = []
+        for c in tls.certificates:
+            ctx = _base_context(tls.min_version)
+            ctx.load_cert_chain(c.cert, c.key)
+            contexts.append(ctx)
+            for name in _names_of(c.cert):
+                if name.startswith("*."):
+                    wildcard.setdefault(name[1:], ctx)
+                else:
+                    exact.setdefault(name, ctx)
+        self.contexts = contexts
+        self.exact = exact
+        self.wildcard = wildcard
+
+    def pick(self, server_name: str | None) -> ssl.SSLContext | None:
+        if not server_name:
+            return None
+        name = server_name.lower()
+        ctx = self.exact.get(name)
+        if ctx is None:
+            dot = name.find(".")
+            if dot > 0:
+                ctx = self.wildcard.get(name[dot:])
+        return ctx
+
+
+def build_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The listener's context: the first certificate, and an SNI callback for the others."""
+    selector = SniSelector(tls)
+    outer = _base_context(tls.min_version)
+    first = tls.certificates[0]
+    outer.load_cert_chain(first.cert, first.key)
+
+    def on_sni(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        chosen = selector.pick(server_name)
+        if chosen is not None and chosen is not outer:
+            sslobj.context = chosen
+
+    outer.sni_callback = on_sni
+    outer.balancer_sni = selector  # type: ignore[attr-defined]
+    return outer
+
+
+def reload_certificates(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
+    """Load renewed certificate files into a live listener's context (new handshakes use
+    them; established connections are unaffected)."""
+    first = tls.certificates[0]
+    ctx.load_cert_chain(first.cert, first.key)
+    selector = getattr(ctx, "balancer_sni", None)
+    if selector is not None:
+        selector.load(tls)
