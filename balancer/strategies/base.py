@@ -74,6 +74,7 @@ class Strategy(ABC):
         tick; a stateful strategy (a round-robin position, smooth-weight scores) overrides
         this so that a rebuild doesn't restart its rotation. Stateless ones keep the default.
         """
+        return None
 
     @staticmethod
     def usable(backend: Backend, exclude: Collection[Backend]) -> bool:
