@@ -44,10 +44,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 FENCE_PENALTY = 50  # priority lost while the local proxy is unhealthy
 MIN_PRIORITY = 1
 MAX_PRIORITY = 255
+
+T = TypeVar("T")
 
 
 class Role(enum.Enum):
@@ -354,7 +357,7 @@ class FailoverMachine:
                 if peer is not None and not peer.crashed:
                     peer.crashed = True
                     waive_listen = peer.role is Role.ACTIVE or peer.handing_over
-                    reasons.append(f"{event.node_id} crashed (port unreachable, confirmed)")
+                    reasons.append(f"{event.node_id} crashed (port unreachable)")
 
             case HealthChanged():
                 # R5: self-fencing by lowering what we advertise; peers react to the number.
@@ -382,7 +385,7 @@ class FailoverMachine:
             # Tell a lower active at once that we can take over, not at the next interval.
             self.ready_announced = True
             actions.append(Action.SEND_ADVERT)
-        reason = "; ".join(reasons)
+        reason = "; ".join(_dedupe(reasons))
         if reason and self.role is not before:
             self.last_reason = reason
         return Outcome(
@@ -469,7 +472,7 @@ class FailoverMachine:
         gone = []
         for peer in self.peers.values():
             if peer.crashed:
-                gone.append(f"{peer.node_id} crashed")
+                gone.append(f"{peer.node_id} crashed (port unreachable)")
             elif peer.handing_over:
                 gone.append(f"{peer.node_id} handed over")
             elif peer.role is Role.ACTIVE or outranks(
@@ -525,13 +528,13 @@ class FailoverMachine:
         self.ready_announced = False
 
 
-def _dedupe(actions: Iterable[Action]) -> list[Action]:
-    seen: set[Action] = set()
+def _dedupe(items: Iterable[T]) -> list[T]:
+    seen: set[T] = set()
     out = []
-    for action in actions:
-        if action not in seen:
-            seen.add(action)
-            out.append(action)
+    for item in items:
+        if item not in seen:
+            seen.add(item)
+            out.append(item)
     return out
 
 

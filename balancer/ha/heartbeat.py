@@ -1,0 +1,355 @@
+"""The UDP heartbeat: wire format, HMAC-SHA256 authentication, replay checks, crash probing.
+
+Wire format (network byte order), then a 32-byte HMAC-SHA256 over everything before it:
+
+    magic "BLHA" | version u8 | flags u8 | role u8 | priority u8 | epoch u64 | seq u64 |
+    timestamp_ns u64 | node_id length u8 | node_id (UTF-8, 1..64 bytes)
+
+`epoch` is the sender's start time in wall-clock nanoseconds: a restarted node has a new, larger
+one, so (epoch, seq) keeps increasing across restarts and a receiver rejects anything not newer
+than what it last accepted from that node. `timestamp_ns` (wall clock) bounds how old a replayed
+message can be after the receiver itself restarted and forgot the last (epoch, seq): the two
+nodes' clocks must agree within `max_clock_skew` (NTP does that easily).
+
+Each peer gets its own connected UDP socket for sending, because only a connected socket hears the
+ICMP port-unreachable its peer's host returns once the peer process is gone (ECONNREFUSED). The
+first refusal triggers an immediate extra probe; a second refusal within `confirm_window` is
+reported as a crash, so the passive need not wait out dead_after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from balancer.config import Address
+from balancer.ha.state import Role
+
+log = logging.getLogger("balancer.ha")
+
+MAGIC = b"BLHA"
+VERSION = 1
+MIN_KEY_BYTES = 16
+MAX_NODE_ID_BYTES = 64
+
+FLAG_RESIGNING = 0x01
+FLAG_READY = 0x02
+FLAG_PREEMPT = 0x04
+
+_HEADER = struct.Struct("!4sBBBBQQQB")
+_MAC_SIZE = hashlib.sha256().digest_size
+_ROLE_CODES = {Role.PASSIVE: 0, Role.ACTIVE: 1}
+_CODE_ROLES = {code: role for role, code in _ROLE_CODES.items()}
+
+# Rejection reasons, also the keys of the `rejected` counters.
+UNKNOWN_PEER = "unknown_peer"  # source address not in peers
+MALFORMED = "malformed"  # too short, bad magic, bad field
+BAD_VERSION = "version"  # a protocol version we do not speak
+BAD_AUTH = "auth"  # HMAC mismatch: tampered, forged or a different key
+STALE = "stale"  # timestamp outside the clock window
+REPLAY = "replay"  # (epoch, seq) not newer than the last accepted from that node
+SELF = "self"  # our own node_id: a loop or a copied config
+REJECT_REASONS = (UNKNOWN_PEER, MALFORMED, BAD_VERSION, BAD_AUTH, STALE, REPLAY, SELF)
+
+
+class Rejected(Exception):
+    """A datagram that is not an acceptable heartbeat; `reason` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    node_id: str
+    priority: int
+    role: Role
+    epoch: int
+    seq: int
+    timestamp_ns: int
+    flags: int = 0
+    version: int = VERSION
+
+    @property
+    def resigning(self) -> bool:
+        return bool(self.flags & FLAG_RESIGNING)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.flags & FLAG_READY)
+
+    @property
+    def preempt(self) -> bool:
+        return bool(self.flags & FLAG_PREEMPT)
+
+
+def load_key(path: str) -> bytes:
+    """Read the shared secret once; surrounding whitespace (a trailing newline) is not part of it."""
+    with open(path, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        key = f.read().strip()
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"{path}: the HA key must be at least {MIN_KEY_BYTES} bytes")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s: the HA key file is readable by group or others; chmod 600 it", path)
+    return key
+
+
+def encode(hb: Heartbeat, key: bytes) -> bytes:
+    node_id = hb.node_id.encode()
+    if not 1 <= len(node_id) <= MAX_NODE_ID_BYTES:
+        raise ValueError(f"node_id must be 1..{MAX_NODE_ID_BYTES} bytes of UTF-8")
+    body = (
+        _HEADER.pack(
+            MAGIC,
+            hb.version,
+            hb.flags,
+            _ROLE_CODES[hb.role],
+            hb.priority,
+            hb.epoch,
+            hb.seq,
+            hb.timestamp_ns,
+            len(node_id),
+        )
+        + node_id
+    )
+    return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+def decode(data: bytes, key: bytes) -> Heartbeat:
+    """Parse and authenticate one datagram, or raise Rejected."""
+    if len(data) < _HEADER.size + 1 + _MAC_SIZE:
+        raise Rejected(MALFORMED, f"{len(data)} bytes")
+    magic, version, flags, role, priority, epoch, seq, ts, id_len = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise Rejected(MALFORMED, "bad magic")
+    if version != VERSION:
+        raise Rejected(BAD_VERSION, f"version {version}")
+    body, mac = data[:-_MAC_SIZE], data[-_MAC_SIZE:]
+    # Authenticate before trusting any field beyond the version byte.
+    if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
+        raise Rejected(BAD_AUTH)
+    if len(body) != _HEADER.size + id_len or id_len == 0:
+        raise Rejected(MALFORMED, "length")
+    if role not in _CODE_ROLES:
+        raise Rejected(MALFORMED, f"role {role}")
+    try:
+        node_id = body[_HEADER.size :].decode()
+    except UnicodeDecodeError:
+        raise Rejected(MALFORMED, "node_id not UTF-8") from None
+    return Heartbeat(node_id, priority, _CODE_ROLES[role], epoch, seq, ts, flags, version)
+
+
+@dataclass(slots=True)
+class _Incarnation:
+    epoch: int
+    seq: int
+    last_accepted: float  # monotonic
+
+
+class _Receiver(asyncio.DatagramProtocol):
+    def __init__(self, endpoint: HeartbeatEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.endpoint._received(data, addr[0])
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("heartbeat socket error: %s", exc)
+
+
+class _PeerLink(asyncio.DatagramProtocol):
+    """The connected socket to one peer; it exists to hear that peer's port-unreachable."""
+
+    def __init__(self, endpoint: HeartbeatEndpoint, address: Address, host: str) -> None:
+        self.endpoint = endpoint
+        self.address = address
+        self.host = host  # resolved IP
+        self.transport: asyncio.DatagramTransport | None = None
+        self.refused_at: float | None = None  # first refusal of a pending confirmation
+        self.down = False  # crash confirmed and nothing heard from it since: log once
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        pass  # peers send to our bound port, never to this ephemeral one
+
+    def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, ConnectionRefusedError):
+            self.endpoint._refused(self)
+        else:
+            log.debug("heartbeat to %s: %s", self.address, exc)
+
+
+class HeartbeatEndpoint:
+    """Sends our heartbeat to every peer and hands authenticated ones from peers to a callback."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        key: bytes,
+        bind: Address,
+        peers: Sequence[Address],
+        on_heartbeat: Callable[[Heartbeat, str, float], None],
+        on_peer_crashed: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], int] = time.time_ns,
+        max_clock_skew: float = 5.0,
+        confirm_window: float = 0.05,
+        incarnation_timeout: float = 3.0,
+    ) -> None:
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"the HA key must be at least {MIN_KEY_BYTES} bytes")
+        self.node_id = node_id
+        self.bind = bind
+        self.peers = tuple(peers)
+        self._key = key
+        self._on_heartbeat = on_heartbeat
+        self._on_peer_crashed = on_peer_crashed
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._max_skew_ns = int(max_clock_skew * 1e9)
+        self.confirm_window = confirm_window
+        # An older epoch is accepted only from a node silent this long: a restart whose wall
+        # clock went back, not a replay while the current incarnation is talking.
+        self.incarnation_timeout = incarnation_timeout
+        self.epoch = wall_clock()
+        self._seq = 0
+        self._last_sent: tuple[Role, int, int] | None = None
+        self._incarnations: dict[str, _Incarnation] = {}
+        self._peer_hosts: set[str] = set()
+        self._links: list[_PeerLink] = []
+        self._transport: asyncio.DatagramTransport | None = None
+        # Counters, read by status and metrics.
+        self.sent = 0
+        self.received = 0
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.crashes_detected = 0
+
+    @property
+    def peer_hosts(self) -> dict[Address, str]:
+        """Each configured peer and the IP it resolved to at start."""
+        return {link.address: link.host for link in self._links}
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        if self._transport is None:
+            raise RuntimeError("not started")
+        return self._transport.get_extra_info("sockname")[:2]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Receiver(self), local_addr=(self.bind.host, self.bind.port)
+        )
+        # Send from the bound address when it is a specific one, so peers see the address they
+        # have in their own `peers` list.
+        wildcard = self.bind.host in ("", "0.0.0.0", "::")
+        for address in self.peers:
+            infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
+            family, _, _, _, sockaddr = infos[0]
+            host = sockaddr[0]
+            self._peer_hosts.add(host)
+            local = None if wildcard else (self.bind.host, 0)
+            _, link = await loop.create_datagram_endpoint(
+                lambda a=address, h=host: _PeerLink(self, a, h),
+                remote_addr=sockaddr[:2],
+                local_addr=local,
+                family=family,
+            )
+            self._links.append(link)
+
+    def close(self) -> None:
+        for link in self._links:
+            if link.transport is not None:
+                link.transport.close()
+        self._links.clear()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def send(self, role: Role, priority: int, flags: int = 0) -> None:
+        """One heartbeat, the same datagram to every peer."""
+        self._last_sent = (role, priority, flags)
+        data = self._build(role, priority, flags)
+        for link in self._links:
+            self._send_to(link, data)
+
+    def _build(self, role: Role, priority: int, flags: int) -> bytes:
+        self._seq += 1
+        hb = Heartbeat(
+            self.node_id, priority, role, self.epoch, self._seq, self._wall_clock(), flags
+        )
+        return encode(hb, self._key)
+
+    def _send_to(self, link: _PeerLink, data: bytes) -> None:
+        if link.transport is None or link.transport.is_closing():
+            return
+        link.transport.sendto(data)
+        self.sent += 1
+
+    def _refused(self, link: _PeerLink) -> None:
+        now = self._clock()
+        if link.refused_at is not None and now - link.refused_at <= self.confirm_window:
+            link.refused_at = None
+            if not link.down:
+                link.down = True
+                self.crashes_detected += 1
+                log.info("heartbeat to %s refused twice: peer process is gone", link.address)
+            # Reported every time: cheap, and the listener may have learnt the peer since.
+            if self._on_peer_crashed is not None:
+                self._on_peer_crashed(link.host)
+            return
+        # One refusal may be an old ICMP for a datagram sent before a restart; a probe sent now
+        # and refused too says the port is closed now.
+        link.refused_at = now
+        if self._last_sent is not None:
+            self._send_to(link, self._build(*self._last_sent))
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def _received(self, data: bytes, host: str) -> None:
+        try:
+            hb = self._check(data, host)
+        except Rejected as e:
+            self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
+            log.debug("heartbeat from %s rejected: %s", host, e)
+            return
+        self.received += 1
+        for link in self._links:
+            if link.host == host:
+                link.down = False
+        self._on_heartbeat(hb, host, self._clock())
+
+    def _check(self, data: bytes, host: str) -> Heartbeat:
+        if host not in self._peer_hosts:
+            raise Rejected(UNKNOWN_PEER, host)
+        hb = decode(data, self._key)
+        if hb.node_id == self.node_id:
+            raise Rejected(SELF)
+        if abs(self._wall_clock() - hb.timestamp_ns) > self._max_skew_ns:
+            raise Rejected(STALE, f"{(self._wall_clock() - hb.timestamp_ns) / 1e9:.3f}s off")
+        now = self._clock()
+        last = self._incarnations.get(hb.node_id)
+        if last is not None:
+            if hb.epoch == last.epoch:
+                if hb.seq <= last.seq:
+                    raise Rejected(REPLAY, f"seq {hb.seq} <= {last.seq}")
+            elif hb.epoch < last.epoch and now - last.last_accepted < self.incarnation_timeout:
+                raise Rejected(REPLAY, f"epoch {hb.epoch} < {last.epoch}")
+        self._incarnations[hb.node_id] = _Incarnation(hb.epoch, hb.seq, now)
+        return hb

@@ -1,0 +1,409 @@
+"""Heartbeat wire format, authentication, replay checks and crash probing, over loopback UDP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+from balancer.config import Address
+from balancer.ha import heartbeat as hbmod
+from balancer.ha.heartbeat import (
+    FLAG_PREEMPT,
+    FLAG_READY,
+    FLAG_RESIGNING,
+    Heartbeat,
+    HeartbeatEndpoint,
+    Rejected,
+    decode,
+    encode,
+    load_key,
+)
+from balancer.ha.state import Role
+
+KEY = b"0123456789abcdef-shared-secret"
+OTHER_KEY = b"fedcba9876543210-other-secret!"
+
+
+def heartbeat(**overrides: Any) -> Heartbeat:
+    fields: dict[str, Any] = {
+        "node_id": "lb1",
+        "priority": 150,
+        "role": Role.ACTIVE,
+        "epoch": 1_700_000_000_000_000_000,
+        "seq": 42,
+        "timestamp_ns": time.time_ns(),
+        "flags": FLAG_READY | FLAG_PREEMPT,
+    }
+    fields.update(overrides)
+    return Heartbeat(**fields)
+
+
+def remac(body: bytes, key: bytes = KEY) -> bytes:
+    return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+def reason_of(data: bytes, key: bytes = KEY) -> str:
+    with pytest.raises(Rejected) as e:
+        decode(data, key)
+    return e.value.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Wire format
+# ---------------------------------------------------------------------------------------------
+
+
+def test_roundtrip_keeps_every_field() -> None:
+    hb = heartbeat(flags=FLAG_RESIGNING | FLAG_READY | FLAG_PREEMPT, node_id="nœud-1")
+    assert decode(encode(hb, KEY), KEY) == hb
+    assert hb.resigning and hb.ready and hb.preempt
+    plain = heartbeat(flags=0, role=Role.PASSIVE)
+    got = decode(encode(plain, KEY), KEY)
+    assert got == plain
+    assert not (got.resigning or got.ready or got.preempt)
+
+
+def test_encode_rejects_bad_node_id() -> None:
+    with pytest.raises(ValueError):
+        encode(heartbeat(node_id=""), KEY)
+    with pytest.raises(ValueError):
+        encode(heartbeat(node_id="x" * 65), KEY)
+
+
+def test_tampered_byte_anywhere_fails_authentication() -> None:
+    data = encode(heartbeat(), KEY)
+    for i in range(5, len(data)):  # past magic and version, which fail earlier and otherwise
+        bad = bytearray(data)
+        bad[i] ^= 0x01
+        assert reason_of(bytes(bad)) == hbmod.BAD_AUTH, f"byte {i}"
+
+
+def test_wrong_key_fails_authentication() -> None:
+    assert reason_of(encode(heartbeat(), OTHER_KEY)) == hbmod.BAD_AUTH
+
+
+def test_forged_mac_fails_authentication() -> None:
+    data = encode(heartbeat(), KEY)
+    assert reason_of(data[:-32] + os.urandom(32)) == hbmod.BAD_AUTH
+    assert reason_of(data[:-32] + hashlib.sha256(data[:-32]).digest()) == hbmod.BAD_AUTH
+
+
+def test_short_or_foreign_datagrams_are_malformed() -> None:
+    data = encode(heartbeat(), KEY)
+    assert reason_of(b"") == hbmod.MALFORMED
+    assert reason_of(data[:40]) == hbmod.MALFORMED
+    assert reason_of(b"VRRP" + data[4:]) == hbmod.MALFORMED
+
+
+def test_unknown_version_is_rejected_as_such() -> None:
+    body = encode(heartbeat(version=2), KEY)[:-32]
+    assert reason_of(remac(body)) == hbmod.BAD_VERSION
+
+
+def test_authenticated_but_inconsistent_fields_are_malformed() -> None:
+    body = bytearray(encode(heartbeat(), KEY)[:-32])
+    bad_role = bytearray(body)
+    bad_role[6] = 7
+    assert reason_of(remac(bytes(bad_role))) == hbmod.MALFORMED
+    bad_len = bytearray(body)
+    bad_len[32] = 99
+    assert reason_of(remac(bytes(bad_len))) == hbmod.MALFORMED
+    bad_utf8 = bytes(body[:-3]) + b"\xff\xfe\xfd"
+    assert reason_of(remac(bad_utf8)) == hbmod.MALFORMED
+
+
+def test_load_key_strips_whitespace_and_wants_16_bytes(tmp_path) -> None:
+    good = tmp_path / "ha.key"
+    good.write_bytes(b"  0123456789abcdef\n")
+    good.chmod(0o600)
+    assert load_key(str(good)) == b"0123456789abcdef"
+    short = tmp_path / "short.key"
+    short.write_bytes(b"0123456789abcde \n\n")
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        load_key(str(short))
+    with pytest.raises(FileNotFoundError):
+        load_key(str(tmp_path / "missing.key"))
+
+
+def test_load_key_warns_about_loose_permissions(tmp_path, caplog) -> None:
+    key = tmp_path / "ha.key"
+    key.write_bytes(b"0123456789abcdef")
+    key.chmod(0o644)
+    with caplog.at_level("WARNING", logger="balancer.ha"):
+        load_key(str(key))
+    assert "chmod 600" in caplog.text
+
+
+def test_endpoint_refuses_a_short_key() -> None:
+    with pytest.raises(ValueError):
+        HeartbeatEndpoint(
+            node_id="a",
+            key=b"short",
+            bind=Address("127.0.0.1", 0),
+            peers=(),
+            on_heartbeat=lambda *a: None,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Over real UDP sockets on loopback
+# ---------------------------------------------------------------------------------------------
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+LOOPS: dict[str, Callable[[Awaitable[Any]], Any]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request) -> Callable[[Awaitable[Any]], Any]:
+    return LOOPS[request.param]
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.items: list[tuple[Heartbeat, str, float]] = []
+        self.crashed: list[tuple[str, float]] = []
+
+    def heartbeat(self, hb: Heartbeat, host: str, now: float) -> None:
+        self.items.append((hb, host, now))
+
+    def crash(self, host: str) -> None:
+        self.crashed.append((host, time.monotonic()))
+
+    async def wait(self, n: int, timeout: float = 1.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.items) < n:
+            assert time.monotonic() < deadline, f"got {len(self.items)} of {n} heartbeats"
+            await asyncio.sleep(0.005)
+
+
+def endpoint(node_id: str, port: int, peers: list[int], inbox: Inbox, **kw: Any):
+    return HeartbeatEndpoint(
+        node_id=node_id,
+        key=kw.pop("key", KEY),
+        bind=Address("127.0.0.1", port),
+        peers=[Address("127.0.0.1", p) for p in peers],
+        on_heartbeat=inbox.heartbeat,
+        on_peer_crashed=inbox.crash,
+        **kw,
+    )
+
+
+async def settle(ep: HeartbeatEndpoint, total: int, timeout: float = 1.0) -> None:
+    """Wait until `total` datagrams were accepted or rejected."""
+    deadline = time.monotonic() + timeout
+    while ep.received + sum(ep.rejected.values()) < total:
+        assert time.monotonic() < deadline, (ep.received, ep.rejected)
+        await asyncio.sleep(0.005)
+
+
+def test_two_endpoints_exchange_heartbeats(run) -> None:
+    async def main() -> None:
+        pa, pb = free_udp_port(), free_udp_port()
+        ia, ib = Inbox(), Inbox()
+        a = endpoint("lb1", pa, [pb], ia)
+        b = endpoint("lb2", pb, [pa], ib)
+        await a.start()
+        await b.start()
+        try:
+            a.send(Role.ACTIVE, 150, FLAG_PREEMPT)
+            a.send(Role.ACTIVE, 150, FLAG_PREEMPT)
+            b.send(Role.PASSIVE, 100, FLAG_READY)
+            await ib.wait(2)
+            await ia.wait(1)
+            hb, host, now = ib.items[-1]
+            assert (hb.node_id, hb.role, hb.priority, hb.preempt, hb.seq) == (
+                "lb1",
+                Role.ACTIVE,
+                150,
+                True,
+                2,
+            )
+            assert host == "127.0.0.1"
+            assert abs(now - time.monotonic()) < 1.0
+            assert ia.items[0][0].node_id == "lb2" and ia.items[0][0].ready
+            assert a.sent == 2 and b.received == 2 and a.received == 1
+            assert sum(b.rejected.values()) == 0
+            assert not ia.crashed and not ib.crashed
+        finally:
+            a.close()
+            b.close()
+
+    run(main())
+
+
+def test_bad_datagrams_are_rejected_and_counted_by_reason(run) -> None:
+    async def main() -> None:
+        pb = free_udp_port()
+        ib = Inbox()
+        b = endpoint("lb2", pb, [free_udp_port()], ib)
+        await b.start()
+        target = ("127.0.0.1", pb)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stranger.bind(("127.0.0.9", 0))  # loopback, but not in peers
+        try:
+            now = time.time_ns()
+            good = encode(heartbeat(seq=5, timestamp_ns=now), KEY)
+            sends = [
+                (peer, good),  # accepted
+                (peer, good),  # the same again: replay
+                (peer, encode(heartbeat(seq=4, timestamp_ns=now), KEY)),  # older seq: replay
+                (peer, encode(heartbeat(seq=6, timestamp_ns=now), KEY)),  # accepted
+                (peer, encode(heartbeat(seq=7), OTHER_KEY)),  # wrong key
+                (peer, good[:-1] + bytes([good[-1] ^ 1])),  # tampered
+                (peer, encode(heartbeat(seq=8, timestamp_ns=now - 10**10), KEY)),  # 10 s old
+                (peer, encode(heartbeat(seq=9, timestamp_ns=now + 10**10), KEY)),  # 10 s ahead
+                (peer, encode(heartbeat(seq=10, node_id="lb2"), KEY)),  # our own id
+                (peer, b"garbage"),
+                (stranger, encode(heartbeat(seq=11), KEY)),  # valid, from an unknown address
+                (peer, encode(heartbeat(seq=12), KEY)),  # accepted
+            ]
+            for sock, data in sends:
+                sock.sendto(data, target)
+                await asyncio.sleep(0.002)  # keep the order
+            await settle(b, len(sends))
+            assert b.received == 3
+            assert [hb.seq for hb, _, _ in ib.items] == [5, 6, 12]
+            assert b.rejected == {
+                hbmod.UNKNOWN_PEER: 1,
+                hbmod.MALFORMED: 1,
+                hbmod.BAD_VERSION: 0,
+                hbmod.BAD_AUTH: 2,
+                hbmod.STALE: 2,
+                hbmod.REPLAY: 2,
+                hbmod.SELF: 1,
+            }
+        finally:
+            peer.close()
+            stranger.close()
+            b.close()
+
+    run(main())
+
+
+def test_restarted_peer_with_new_epoch_is_accepted_old_epoch_is_a_replay(run) -> None:
+    async def main() -> None:
+        clock = [100.0]
+        pb = free_udp_port()
+        ib = Inbox()
+        b = endpoint("lb2", pb, [free_udp_port()], ib, clock=lambda: clock[0])
+        await b.start()
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        target = ("127.0.0.1", pb)
+        sent = 0
+
+        async def send(epoch: int, seq: int) -> None:
+            nonlocal sent
+            peer.sendto(encode(heartbeat(epoch=epoch, seq=seq), KEY), target)
+            sent += 1
+            await settle(b, sent)
+
+        try:
+            await send(1000, 50)
+            await send(2000, 1)  # restarted: new epoch, seq from 1
+            assert b.received == 2
+            await send(1000, 51)  # the old incarnation's next message: a replay
+            assert b.rejected[hbmod.REPLAY] == 1
+            # A restart whose clock went back is accepted once the current one is silent.
+            clock[0] += b.incarnation_timeout + 0.1
+            await send(1500, 1)
+            assert b.received == 3
+            await send(2000, 2)  # and the newer epoch is no replay of it
+            assert b.received == 4
+        finally:
+            peer.close()
+            b.close()
+
+    run(main())
+
+
+def test_crash_detected_from_port_unreachable(run) -> None:
+    async def main() -> None:
+        ia = Inbox()
+        dead = free_udp_port()  # nothing listens there
+        a = endpoint("lb1", free_udp_port(), [dead], ia)
+        await a.start()
+        try:
+            t0 = time.monotonic()
+            a.send(Role.PASSIVE, 100)
+            deadline = t0 + 1.0
+            while not ia.crashed:
+                assert time.monotonic() < deadline, "no crash reported"
+                await asyncio.sleep(0.001)
+            host, at = ia.crashed[0]
+            assert host == "127.0.0.1"
+            assert at - t0 < 0.05, "two refusals on loopback take well under 50 ms"
+            assert a.crashes_detected == 1
+            assert a.sent == 2, "the heartbeat and one probe"
+        finally:
+            a.close()
+
+    run(main())
+
+
+def test_live_peer_is_never_reported_crashed(run) -> None:
+    async def main() -> None:
+        pa, pb = free_udp_port(), free_udp_port()
+        ia, ib = Inbox(), Inbox()
+        a = endpoint("lb1", pa, [pb], ia)
+        b = endpoint("lb2", pb, [pa], ib)
+        await a.start()
+        await b.start()
+        try:
+            for _ in range(10):
+                a.send(Role.ACTIVE, 150)
+                await asyncio.sleep(0.005)
+            await ib.wait(10)
+            assert not ia.crashed and a.crashes_detected == 0
+        finally:
+            a.close()
+            b.close()
+
+    run(main())
+
+
+def test_one_refusal_is_not_a_crash_two_within_the_window_are(run) -> None:
+    async def main() -> None:
+        clock = [10.0]
+        ia = Inbox()
+        # The peer's port is open, so only the refusals this test feeds in exist.
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind(("127.0.0.1", 0))
+        a = endpoint("lb1", free_udp_port(), [sink.getsockname()[1]], ia, clock=lambda: clock[0])
+        await a.start()
+        try:
+            link = a._links[0]
+            a.send(Role.ACTIVE, 150)
+            sent = a.sent
+            link.error_received(ConnectionRefusedError())
+            assert a.sent == sent + 1, "a probe goes out at once"
+            clock[0] += a.confirm_window + 0.01
+            link.error_received(ConnectionRefusedError())  # too late: a new first refusal
+            assert not ia.crashed
+            clock[0] += a.confirm_window / 2
+            link.error_received(ConnectionRefusedError())
+            assert [h for h, _ in ia.crashed] == ["127.0.0.1"]
+            link.error_received(OSError(113, "No route to host"))  # not a refusal
+            assert len(ia.crashed) == 1
+        finally:
+            a.close()
+            sink.close()
+
+    run(main())
