@@ -407,9 +407,9 @@ class FailoverMachine:
             successor = self._successor(now)
             if successor is not None:
                 why = (
-                    "preempted by"
-                    if successor.preempt
-                    else "fenced (local proxy unhealthy), handing over to"
+                    "fenced (local proxy unhealthy), handing over to"
+                    if not self.healthy
+                    else "preempted by"
                 )
                 self._move(
                     now,
