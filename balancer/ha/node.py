@@ -132,8 +132,12 @@ class HaNode:
         """Start passive: drop any VIP a previous run left, then heartbeat and listen."""
         c = self.config
         key = load_key(c.auth_key_file)
-        if await self._vip.remove():
-            log.warning("removed %s from %s: left by a previous run", c.virtual_ip, c.interface)
+        try:
+            if await self._vip.remove():
+                log.warning("removed %s from %s: left by a previous run", c.virtual_ip, c.interface)
+        except BaseException:
+            await asyncio.get_running_loop().run_in_executor(None, self._vip.close)
+            raise
         self._machine = self._new_machine()
         self._endpoint = HeartbeatEndpoint(
             node_id=c.node_id,
@@ -145,7 +149,12 @@ class HaNode:
             clock=self._clock,
             incarnation_timeout=3 * c.dead_after,
         )
-        await self._endpoint.start()
+        try:
+            await self._endpoint.start()
+        except BaseException:
+            self._endpoint.close()
+            await asyncio.get_running_loop().run_in_executor(None, self._vip.close)
+            raise
         loop = asyncio.get_running_loop()
         self._notify_task = loop.create_task(self._notify_worker())
         self._task = loop.create_task(self._run())

@@ -53,7 +53,9 @@ def build_garp(mac: bytes, ip: str, op: int = ARPOP_REQUEST) -> bytes:
 
 
 class VipAddress:
-    """Blocking netlink operations on one address of one interface; use from one thread only."""
+    """Blocking netlink operations on one address of one interface; use from one thread only.
+
+    Netlink failures surface as OSError with the errno the kernel gave."""
 
     def __init__(self, interface: str, cidr: str) -> None:
         iface = ipaddress.ip_interface(cidr)
@@ -92,7 +94,7 @@ class VipAddress:
         except NetlinkError as e:
             if e.code == errno.ENODEV:
                 self._index = None  # the interface was recreated; look it up again next time
-            raise
+            raise self._error("add", e) from None
 
     def remove(self) -> bool:
         """Remove the address; True if it was there. Removing one that is gone is not an error."""
@@ -105,7 +107,7 @@ class VipAddress:
             if e.code == errno.ENODEV:
                 self._index = None
                 return False
-            raise
+            raise self._error("remove", e) from None
         return True
 
     def holds_vip(self) -> bool:
@@ -121,6 +123,12 @@ class VipAddress:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+
+    def _error(self, what: str, e: NetlinkError) -> OSError:
+        hint = " (needs root or CAP_NET_ADMIN)" if e.code == errno.EPERM else ""
+        return OSError(
+            e.code, f"{what} {self.ip}/{self.prefixlen} on {self.interface}: {e.args[-1]}{hint}"
+        )
 
 
 class Vip:
