@@ -249,6 +249,10 @@ class ActiveChecker:
         target.history.append(entry)
         if load is not None:
             backend.report_load(load)
+        elif status is not None and backend.reported_load is not None:
+            # an answer without a load report: the old report is stale, and least_load would
+            # keep adding to it until the backend starved; fall back to in-flight counting
+            backend.reported_load = None
         if not ok:
             log.debug(
                 "pool %s: health check of %s (%s) failed: %s",

@@ -124,7 +124,7 @@ class TcpClient(asyncio.Protocol):
                     ),
                     upstreams.connect_timeout,
                 )
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 pool.release(b, failed=True)
                 self.tried.append(b)
                 log.info(

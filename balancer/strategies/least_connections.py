@@ -79,3 +79,8 @@ class LeastConnections(Strategy):
                 chosen_score = score
         current[chosen] = chosen_score - total
         return self.backends[chosen]
+
+    def carry_state(self, previous: Strategy) -> None:
+        if isinstance(previous, LeastConnections):
+            old = dict(zip(previous.backends, previous._current, strict=True))
+            self._current = [old.get(b, 0.0) for b in self.backends]

@@ -87,3 +87,7 @@ class LeastLoad(Strategy):
         if best is not None:
             self._next = (best_pos + 1) % self._n
         return best
+
+    def carry_state(self, previous: Strategy) -> None:
+        if isinstance(previous, LeastLoad) and self._n:
+            self._next = previous._next % self._n

@@ -33,3 +33,7 @@ class RoundRobin(Strategy):
             self._next = pos + 1 if pos + 1 < n else 0
             return b
         return None
+
+    def carry_state(self, previous: Strategy) -> None:
+        if isinstance(previous, RoundRobin) and self.backends:
+            self._next = previous._next % len(self.backends)

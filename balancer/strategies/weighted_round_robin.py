@@ -57,3 +57,9 @@ class WeightedRoundRobin(Strategy):
             return None
         current[best] = best_score - total
         return self.backends[best]
+
+    def carry_state(self, previous: Strategy) -> None:
+        # scores follow their backend, so a rebuild continues the same interleaving
+        if isinstance(previous, WeightedRoundRobin):
+            old = dict(zip(previous.backends, previous._current, strict=True))
+            self._current = [old.get(b, 0.0) for b in self.backends]

@@ -428,3 +428,25 @@ def test_queue_size_zero_means_no_queue() -> None:
         assert await asyncio.wait_for(pool.wait_for_capacity(5.0), 0.5) is False
 
     asyncio.run(scenario())
+
+
+# -- a rebuilt snapshot keeps its rotation ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "strategy", ["round_robin", "weighted_round_robin", "least_connections", "least_load"]
+)
+def test_rotation_survives_a_rebuild_per_pick(strategy: str) -> None:
+    # a slow-start ramp rebuilds the strategy on every maintain() tick; if each rebuild
+    # restarted the rotation, every request between two ticks would go to the first backend
+    pool, clock, _ = make_pool(3, strategy=strategy, slow_start=60.0)
+    pool.set_healthy(pool.backends[2], False)
+    pool.set_healthy(pool.backends[2], True)  # b2 now ramping: maintain() rebuilds each time
+    seen: Counter[str] = Counter()
+    for _ in range(60):
+        clock.advance(0.5)
+        pool.maintain()
+        b = pool.select(CTX)
+        assert b is not None
+        seen[b.name] += 1
+    assert seen["b0"] >= 20 and seen["b1"] >= 20, seen
