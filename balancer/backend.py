@@ -91,7 +91,7 @@ class Backend:
         """The one state an operator sees: an admin choice wins over health."""
         if self.admin_state is not BackendState.UP:
             return self.admin_state
-        return BackendState.UP if self.healthy else BackendState.DOWN
+        return BackendState.UP if self.healthy and not self.ejected_until else BackendState.DOWN
 
     @property
     def full(self) -> bool:

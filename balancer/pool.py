@@ -69,6 +69,10 @@ class Pool:
         self.sticky = sticky_codec
         self.sticky_cookie_name = (config.sticky.cookie if config.sticky else "").encode()
         self._by_tag: dict[bytes, Backend] = {}
+        # sticky outcomes, counted by the proxy for metrics
+        self.sticky_hits = 0
+        self.sticky_misses = 0
+        self.sticky_repins = 0
         self.panic = False
         self.ramping = False  # some backend is in slow start: maintain() must keep refreshing
         self._waiters: deque[asyncio.Future[None]] = deque()

@@ -392,6 +392,7 @@ class Exchange:
         "prepared",
         "request_complete",
         "sticky_tag",
+        "sticky_hit",
         "early_tunnel_data",
         # proxying
         "pool",
@@ -441,6 +442,7 @@ class Exchange:
         self.prepared = False
         self.request_complete = False
         self.sticky_tag: bytes | None = None
+        self.sticky_hit = False  # the backend came from a valid sticky cookie: no new cookie
         self.early_tunnel_data: list[bytes] = []
         self.pool: Pool | None = None
         self.backend: Backend | None = None
@@ -683,8 +685,16 @@ class Exchange:
         assert pool is not None
         b = None
         tried = self.tried
-        if self.sticky_tag is not None:
-            b = pool.sticky_backend(self.sticky_tag, tried)
+        if pool.sticky is not None:
+            if self.sticky_tag is not None:
+                b = pool.sticky_backend(self.sticky_tag, tried)
+                if b is not None:
+                    pool.sticky_hits += 1
+                elif not tried:
+                    pool.sticky_repins += 1  # pinned backend down, draining or removed
+            elif not tried:
+                pool.sticky_misses += 1
+            self.sticky_hit = b is not None
         if b is None:
             b = pool.select(self, tried)
         if b is None:
@@ -866,9 +876,7 @@ class Exchange:
         pool = self.pool
         if pool is not None and pool.sticky is not None and status != 101:
             b = self.backend
-            if b is not None and (
-                self.sticky_tag is None or pool.sticky_backend(self.sticky_tag) is not b
-            ):
+            if b is not None and not self.sticky_hit:
                 self.set_cookie = pool.sticky_cookie_header(
                     b, secure=self.listener.scheme == b"https"
                 )

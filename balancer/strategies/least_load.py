@@ -24,19 +24,20 @@ class LeastLoad(Strategy):
     A backend's health-check answer carries its load `L` (0 idle .. 1 saturated, may exceed
     1), seen when `I0` requests of ours were in flight there. Between two reports the figure
     is stale, and a burst would all land on whichever backend looked idle, so the estimate
-    adds what this balancer sent since the report::
+    adds the requests of ours in flight there beyond those the report already saw::
 
-        per_request = max(L / max(I0, 1), REQUEST_LOAD_FLOOR)
-        estimate    = L + per_request * sent_since_report
+        per_request = max(L / I0, REQUEST_LOAD_FLOOR)  if I0 > 0
+                      REQUEST_LOAD_FLOOR                   if I0 == 0
+        estimate    = L + per_request * max(inflight - I0, 0)
         score       = estimate / weight
 
     `per_request` is the share of the load each of our in-flight requests accounted for at
-    report time (the whole load when none were in flight), floored so that a backend that
-    reported 0.0 still gets more expensive with each request. `sent_since_report` rather than
-    the growth in `inflight`: short requests finish before the next report yet still raise the
-    load the next report will show, so counting only those still in flight would let a stream
-    of short requests herd onto one backend for a whole check interval. It is never smaller
-    than the growth in `inflight`, so long requests are counted too. The next report resets it.
+    report time, floored so that a backend that reported 0.0 still gets more expensive with
+    each request. When none of ours were in flight the load came from elsewhere (other
+    balancers, batch work) and says nothing about what one request costs: the floor is used.
+    In-flight growth rather than every request sent since the report: a burst is exactly the
+    requests still in flight, while a steady stream of short requests to an idle backend
+    finishes as it goes and must not make that backend look busy until the next report.
 
     A backend whose `reported_load` is None is scored by its in-flight count at
     UNREPORTED_REQUEST_LOAD per request (10 in flight = load 0.5 with the default).
@@ -78,10 +79,11 @@ class LeastLoad(Strategy):
                 score = b.inflight * UNREPORTED_REQUEST_LOAD * inv_weight
             else:
                 at_report = b.inflight_at_report
-                per_request = load / at_report if at_report > 1 else load
+                per_request = load / at_report if at_report > 0 else REQUEST_LOAD_FLOOR
                 if per_request < REQUEST_LOAD_FLOOR:
                     per_request = REQUEST_LOAD_FLOOR
-                score = (load + per_request * b.sent_since_report) * inv_weight
+                growth = b.inflight - at_report
+                score = (load + per_request * growth if growth > 0 else load) * inv_weight
             if best is None or score < best_score:
                 best, best_pos, best_score = b, pos, score
         if best is not None:
