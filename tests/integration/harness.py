@@ -24,11 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
+def wait_port(
+    port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0, host: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args} exited with {proc.returncode} before listening on {port}")
+            raise RuntimeError(
+                f"process {proc.args} exited with {proc.returncode} before listening on {port}"
+            )
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -77,7 +81,9 @@ class Processes:
                     os.kill(p.pid, signal.SIGCONT)  # a test may have stopped it
                 except ProcessLookupError:
                     pass
-                self.stop(p, signal.SIGKILL if getattr(p, "_hard", False) else signal.SIGTERM, timeout=5)
+                self.stop(
+                    p, signal.SIGKILL if getattr(p, "_hard", False) else signal.SIGTERM, timeout=5
+                )
             else:
                 p._log.close()  # type: ignore[attr-defined]
 
@@ -86,7 +92,16 @@ class Processes:
     def demo_backend(self, name: str, *args: str, port: int | None = None) -> int:
         port = port or free_port()
         p = self.start(
-            [sys.executable, "-m", "balancer.demo.backend", "--port", str(port), "--name", name, *args],
+            [
+                sys.executable,
+                "-m",
+                "balancer.demo.backend",
+                "--port",
+                str(port),
+                "--name",
+                name,
+                *args,
+            ],
             log_name=f"backend-{name}.log",
         )
         wait_port(port, p)
@@ -97,7 +112,17 @@ class Processes:
         port = free_port()
         record = self.tmp / f"raw-{name}.bin"
         p = self.start(
-            [sys.executable, str(RAWSERVER), "--port", str(port), "--mode", mode, "--record", str(record), *args],
+            [
+                sys.executable,
+                str(RAWSERVER),
+                "--port",
+                str(port),
+                "--mode",
+                mode,
+                "--record",
+                str(record),
+                *args,
+            ],
             log_name=f"raw-{name}.log",
         )
         wait_port(port, p)
@@ -141,9 +166,13 @@ class Balancer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def admin(self, path: str, method: str = "GET", body: dict | None = None, token: str | None = None) -> tuple[int, object]:
+    def admin(
+        self, path: str, method: str = "GET", body: dict | None = None, token: str | None = None
+    ) -> tuple[int, object]:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", data=data, method=method)
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.admin_port}{path}", data=data, method=method
+        )
         if data is not None:
             req.add_header("Content-Type", "application/json")
         if token:
@@ -177,7 +206,9 @@ class Balancer:
             if self.backend(pool, name)["state"] == state:
                 return time.monotonic() - start
             if time.monotonic() - start > timeout:
-                raise TimeoutError(f"{pool}/{name} not {state} after {timeout}s: {self.backend(pool, name)}")
+                raise TimeoutError(
+                    f"{pool}/{name} not {state} after {timeout}s: {self.backend(pool, name)}"
+                )
             time.sleep(0.05)
 
     def log_text(self) -> str:
@@ -187,7 +218,9 @@ class Balancer:
 def config(backends: list[tuple[str, int]], *, pool: dict | None = None, **top) -> dict:  # type: ignore[no-untyped-def]
     """A one-listener, one-pool config on free ports."""
     cfg: dict = {
-        "listeners": [{"name": "http", "bind": f"127.0.0.1:{free_port()}", "routes": [{"pool": "web"}]}],
+        "listeners": [
+            {"name": "http", "bind": f"127.0.0.1:{free_port()}", "routes": [{"pool": "web"}]}
+        ],
         "pools": {
             "web": {
                 "strategy": "round_robin",
@@ -201,7 +234,14 @@ def config(backends: list[tuple[str, int]], *, pool: dict | None = None, **top) 
     return cfg
 
 
-def http_raw(port: int, data: bytes, *, timeout: float = 10.0, read_until_close: bool = True, expect_responses: int = 1) -> bytes:
+def http_raw(
+    port: int,
+    data: bytes,
+    *,
+    timeout: float = 10.0,
+    read_until_close: bool = True,
+    expect_responses: int = 1,
+) -> bytes:
     """Send raw bytes, return everything received until the server closes (or timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import socket
 
 
@@ -64,7 +65,10 @@ async def main() -> None:
                     writer.transport.abort()
                     return
                 payload = b"ok conn=%d\n" % conns
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Raw: 1\r\n\r\n%b" % (len(payload), payload))
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Raw: 1\r\n\r\n%b"
+                    % (len(payload), payload)
+                )
                 await writer.drain()
                 if mode == "close":
                     writer.close()
@@ -78,7 +82,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-    except KeyboardInterrupt:
-        pass

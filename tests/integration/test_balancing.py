@@ -97,7 +97,7 @@ def test_least_load_follows_reported_load(procs):
     hc = {"interval": "200ms", "timeout": "150ms"}
     lb = procs.balancer(config(bs, pool={"strategy": "least_load", "health_check": hc}))
     # app1 and app2 say they are nearly saturated, app3 that it is idle
-    for name, port in bs[:2]:
+    for _name, port in bs[:2]:
         assert requests.post(
             f"http://127.0.0.1:{port}/_control/load", json={"load": 0.9}, timeout=5
         ).ok

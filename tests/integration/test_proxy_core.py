@@ -94,7 +94,15 @@ def test_headers_forwarded_and_hop_by_hop_removed(procs):
     assert body["path"] == "/echo/a%2Fb/../c;p?x=1&y=%20&z=%E2%82%AC&&q"
     headers = body["headers"]
     names = [n.lower() for n, _ in headers]
-    for gone in ("x-secret", "keep-alive", "te", "trailer", "proxy-connection", "upgrade", "connection"):
+    for gone in (
+        "x-secret",
+        "keep-alive",
+        "te",
+        "trailer",
+        "proxy-connection",
+        "upgrade",
+        "connection",
+    ):
         assert gone not in names, (gone, headers)
     assert [v for n, v in headers if n.lower() == "x-dup"] == ["one", "two", "three"]
     assert [v for n, v in headers if n.lower() == "host"] == ["Shop.Example.com:8080"]
@@ -118,7 +126,9 @@ def test_routing_by_host_and_path_prefix_first_match_wins(procs):
     lb = procs.balancer(cfg)
 
     def who(path: str, host: str) -> str:
-        return requests.get(f"{lb.url}{path}", headers={"Host": host}, timeout=5).headers["X-Backend-Name"]
+        return requests.get(f"{lb.url}{path}", headers={"Host": host}, timeout=5).headers[
+            "X-Backend-Name"
+        ]
 
     assert who("/echo", "images.example.com") == "images"
     assert who("/api/echo", "IMAGES.example.com:80") == "images"  # host first, case-insensitive
@@ -171,19 +181,32 @@ def test_head_204_304_have_no_body_and_connection_stays_usable(procs):
 
 def test_pipelined_requests_answered_in_order(procs):
     lb = procs.balancer(config(three_backends(procs)))
-    req = b"".join(
-        b"GET /echo/%d?delay=%s HTTP/1.1\r\nHost: x\r\n\r\n" % (i, d)
-        for i, d in ((1, b"0.3"), (2, b"0"), (3, b"0.1"), (4, b"0"))
-    ) + b"POST /echo/5 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    req = (
+        b"".join(
+            b"GET /echo/%d?delay=%s HTTP/1.1\r\nHost: x\r\n\r\n" % (i, d)
+            for i, d in ((1, b"0.3"), (2, b"0"), (3, b"0.1"), (4, b"0"))
+        )
+        + b"POST /echo/5 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    )
     raw = http_raw(lb.port, req)
-    paths = [json.loads(p.split(b"\r\n\r\n", 1)[1])["path"] for p in raw.split(b"HTTP/1.1 200 OK")[1:]]
-    assert paths == ["/echo/1?delay=0.3", "/echo/2?delay=0", "/echo/3?delay=0.1", "/echo/4?delay=0", "/echo/5"]
+    paths = [
+        json.loads(p.split(b"\r\n\r\n", 1)[1])["path"] for p in raw.split(b"HTTP/1.1 200 OK")[1:]
+    ]
+    assert paths == [
+        "/echo/1?delay=0.3",
+        "/echo/2?delay=0",
+        "/echo/3?delay=0.1",
+        "/echo/4?delay=0",
+        "/echo/5",
+    ]
 
 
 def test_expect_100_continue(procs):
     lb = procs.balancer(config(three_backends(procs)))
     with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as s:
-        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        s.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
         interim = s.recv(100)
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
         s.sendall(b"hello")
@@ -201,16 +224,27 @@ def test_bad_requests_get_precise_errors_and_never_reach_the_backend(procs):
     lb = procs.balancer(cfg)
     cases = [
         (b"GARBAGE\r\n\r\n", 400),
-        (b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        (
+            b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+        ),
         (b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
-        (b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
+        (
+            b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+            400,
+        ),
         (b"GET /x HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\n\r\n", 400),
         (b"GET /x HTTP/1.1\nHost: x\n\n", 400),
         (b"GET /x HTTP/1.1\r\n\r\n", 400),  # no Host
         (b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
         (b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
         (b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n", 431),
-        (b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(30)) + b"\r\n", 431),
+        (
+            b"GET /x HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-%d: 1\r\n" % i for i in range(30))
+            + b"\r\n",
+            431,
+        ),
     ]
     for req, status in cases:
         raw = http_raw(lb.port, req)
@@ -262,7 +296,10 @@ def test_all_backends_refusing_gives_502_and_none_healthy_gives_503(procs):
     lb = procs.balancer(config([("d1", free_port()), ("d2", free_port())]))
     r = requests.get(f"{lb.url}/", timeout=5)
     assert r.status_code == 502
-    cfg = config([("d1", free_port())], pool={"health_check": {"interval": "200ms", "timeout": "100ms", "fall": 1}})
+    cfg = config(
+        [("d1", free_port())],
+        pool={"health_check": {"interval": "200ms", "timeout": "100ms", "fall": 1}},
+    )
     lb2 = procs.balancer(cfg, name="lb2")
     lb2.wait_state("web", "d1", "down")
     t0 = time.monotonic()
@@ -273,7 +310,9 @@ def test_all_backends_refusing_gives_502_and_none_healthy_gives_503(procs):
 def test_reset_before_response_is_retried_for_idempotent_only(procs):
     bad, bad_record = procs.raw_backend("bad", "reset")
     good = procs.demo_backend("good")
-    lb = procs.balancer(config([("bad", bad), ("good", good)], pool={"passive_health": {"consecutive_failures": 0}}))
+    lb = procs.balancer(
+        config([("bad", bad), ("good", good)], pool={"passive_health": {"consecutive_failures": 0}})
+    )
     with requests.Session() as s:
         gets = [s.get(f"{lb.url}/echo", timeout=5).status_code for _ in range(6)]
     assert gets == [200] * 6
@@ -358,7 +397,9 @@ def test_access_log_plain_and_json(procs):
     requests.get(f"{lb2.url}/echo/json", timeout=5)
     time.sleep(1.2)  # the access log is flushed a few times a second
     line = next(ln for ln in lb.log_text().splitlines() if "/echo/logged" in ln)
-    assert '"GET /echo/logged?q=1 HTTP/1.1" 200' in line and "web/app" in line and "127.0.0.1" in line
+    assert (
+        '"GET /echo/logged?q=1 HTTP/1.1" 200' in line and "web/app" in line and "127.0.0.1" in line
+    )
     rec = next(json.loads(ln) for ln in lb2.log_text().splitlines() if ln.startswith("{"))
     assert rec["path"] == "/echo/json" and rec["status"] == 200 and rec["backend"].startswith("app")
     assert rec["client"] == "127.0.0.1" and rec["bytes"] > 0 and rec["duration_ms"] >= 0
