@@ -82,6 +82,10 @@ class HaNode:
         self._endpoint: HeartbeatEndpoint | None = None
         self._peer_ids: dict[str, str] = {}  # peer IP -> node_id, learned from its heartbeats
         self._want_vip = False  # what we decided; the kernel is brought in line every tick
+        # Between deciding to claim and having the VIP announced, heartbeats wait: a resigning
+        # peer releases the VIP when it hears us active, and clients must already be moved.
+        self._claiming = False
+        self._claims = 0  # numbers claims, so a cancelled older claim task cannot end a newer one
         self._holds_vip = False  # what the kernel said last
         self._vip_error: str | None = None
         self._task: asyncio.Task | None = None
@@ -243,7 +247,7 @@ class HaNode:
             self._apply(self._machine.handle(HealthChanged(now, healthy)))
 
     def _advertise(self) -> None:
-        if self._endpoint is None:
+        if self._endpoint is None or self._claiming:
             return
         advert = self._machine.advert(self._clock())
         flags = (
@@ -279,10 +283,12 @@ class HaNode:
         for action in outcome.actions:
             if action is Action.ADD_VIP:
                 self._want_vip = True
+                self._claiming = True
+                self._claims += 1
                 # Submitted now so it is ordered after any removal already submitted.
                 added = self._vip.add()
                 self._cancel_announce()
-                self._announce_task = self._spawn(self._add_and_announce(added))
+                self._announce_task = self._spawn(self._add_and_announce(added, self._claims))
             elif action is Action.REMOVE_VIP:
                 self._drop_vip()
                 self._spawn(self._await_removal(self._vip.remove()))
@@ -299,6 +305,7 @@ class HaNode:
 
     def _drop_vip(self) -> None:
         self._want_vip = False
+        self._claiming = False
         self._cancel_announce()
 
     def _cancel_announce(self) -> None:
@@ -311,18 +318,28 @@ class HaNode:
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _add_and_announce(self, added: Awaitable[None]) -> None:
+    async def _add_and_announce(self, added: Awaitable[None], claim: int) -> None:
         try:
-            await added
-        except Exception as e:
-            self._vip_failed("add", e)
-            return
-        self._holds_vip = True
-        await self._announce()
+            try:
+                await added
+            except Exception as e:
+                self._vip_failed("add", e)
+                return
+            self._holds_vip = True
+            try:
+                await self._vip.send_garp()
+            except OSError as e:
+                log.error("ha: gratuitous ARP on %s failed: %s", self.config.interface, e)
+        finally:
+            if self._claiming and claim == self._claims:
+                # Now the claim may be heard: the VIP is ours and neighbours were told.
+                self._claiming = False
+                self._advertise()
+        await self._announce(self._vip.garp_count - 1, delay_first=True)
 
-    async def _announce(self) -> None:
+    async def _announce(self, count: int | None = None, *, delay_first: bool = False) -> None:
         try:
-            await self._vip.announce()
+            await self._vip.announce(count, delay_first=delay_first)
         except OSError as e:
             log.error("ha: gratuitous ARP on %s failed: %s", self.config.interface, e)
 

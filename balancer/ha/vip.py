@@ -167,10 +167,11 @@ class Vip:
     def holds_vip(self) -> asyncio.Future[bool]:
         return self._run(self.address.holds_vip)
 
-    async def announce(self) -> None:
-        """Gratuitous ARP, request and reply, `garp_count` times `garp_interval` apart."""
-        for i in range(self.garp_count):
-            if i:
+    async def announce(self, count: int | None = None, *, delay_first: bool = False) -> None:
+        """Gratuitous ARP, request and reply, `count` (default garp_count) times
+        `garp_interval` apart; `delay_first` when a round was just sent."""
+        for i in range(self.garp_count if count is None else count):
+            if i or delay_first:
                 await asyncio.sleep(self.garp_interval)
             await self.send_garp()
 

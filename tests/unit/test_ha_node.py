@@ -42,6 +42,8 @@ class FakeVip:
         self.world = world
         self.name = name
         self.announced = 0
+        self.garp_count = 5
+        self.add_delay = 0.0
         self.closed = False
 
     def _done(self, value: Any) -> asyncio.Future:
@@ -50,8 +52,18 @@ class FakeVip:
         return fut
 
     def add(self) -> asyncio.Future:
-        self.world.set(self.name, True)
-        return self._done(None)
+        if not self.add_delay:
+            self.world.set(self.name, True)
+            return self._done(None)
+        # Like netlink in its worker thread: the address appears a little later.
+        fut = asyncio.get_running_loop().create_future()
+
+        def done() -> None:
+            self.world.set(self.name, True)
+            fut.set_result(None)
+
+        asyncio.get_running_loop().call_later(self.add_delay, done)
+        return fut
 
     def remove(self) -> asyncio.Future:
         was = self.name in self.world.held
@@ -61,8 +73,11 @@ class FakeVip:
     def holds_vip(self) -> asyncio.Future:
         return self._done(self.name in self.world.held)
 
-    async def announce(self) -> None:
+    async def send_garp(self) -> None:
         self.announced += 1
+
+    async def announce(self, count: int | None = None, *, delay_first: bool = False) -> None:
+        self.announced += self.garp_count if count is None else count
 
     def close(self) -> None:
         self.closed = True
@@ -177,7 +192,7 @@ def test_pair_elects_higher_priority_and_reports_status(run, key_file: str) -> N
             await asyncio.sleep(5 * ADV)
             assert (lb1.role, lb2.role) == ("active", "passive")
             assert pair.roles == {"lb1": ["active"], "lb2": []}
-            assert lb1._vip.announced >= 1  # type: ignore[attr-defined]
+            assert lb1._vip.announced == 5  # type: ignore[attr-defined]
             st = lb1.status()
             assert st["holds_vip"] is True and st["transitions"] == 1
             (peer,) = st["peers"]
@@ -221,6 +236,9 @@ def test_shutdown_of_active_hands_over_then_drains_then_releases(run, key_file: 
         lb1, lb2 = pair.nodes["lb1"], pair.nodes["lb2"]
         try:
             await until(lambda: world.held == {"lb1"}, 2, "lb1 holding")
+            # lb2 must not be heard active before its VIP is really there, or lb1 would
+            # release while clients still come to it.
+            lb2._vip.add_delay = 0.05  # type: ignore[attr-defined]
 
             async def drain() -> None:
                 drain_saw.append((lb2.role, set(world.held)))
