@@ -13,7 +13,7 @@ import ssl
 import string
 import urllib.parse
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -128,6 +128,7 @@ class AdminConfig:
     bind: Address = Address("127.0.0.1", 9000)
     token: str | None = None  # bearer token; required when bind is not loopback
     token_file: str | None = None  # alternative to token: a file holding it
+    metrics: bool = True  # count requests for /metrics (off only to measure what counting costs)
 
 
 @dataclass(frozen=True)
@@ -380,7 +381,7 @@ _PASSIVE_KEYS = (
     "max_ejected_percent",
 )
 _QUEUE_KEYS = ("size", "timeout")
-_ADMIN_KEYS = ("bind", "token", "token_file")
+_ADMIN_KEYS = ("bind", "token", "token_file", "metrics")
 _LIMITS_KEYS = (
     "max_connections",
     "max_connections_per_ip",
@@ -926,6 +927,7 @@ class _Parser:
         if not self.clean_since(mark) or pools is None or listeners is None or admin is None:
             return None
         extra: dict[str, Any] = {} if workers is _ABSENT else {"workers": workers}
+        pools = _tcp_pools_check_tcp(pools, listeners, top.value_node("pools"))
         return Config(
             listeners=tuple(listeners),
             pools=pools,
@@ -1326,7 +1328,9 @@ class _Parser:
     def admin(self, node: yaml.Node | None) -> AdminConfig | None:
         mark = self.checkpoint()
         s = _Section(self, node, "admin", _ADMIN_KEYS)
-        fields = s.fields(bind=_bind_address, token=_string, token_file=self.readable_path)
+        fields = s.fields(
+            bind=_bind_address, token=_string, token_file=self.readable_path, metrics=_bool
+        )
         if s.has("token") and s.has("token_file"):
             self.problem(
                 s.at("token_file"), "give token or token_file, not both", s.value_node("token_file")
@@ -1513,3 +1517,31 @@ def load(path: str) -> Config:
     absolute = os.path.abspath(path)
     config = parse(data, source=path, base_dir=os.path.dirname(absolute))
     return dataclasses.replace(config, source=absolute)
+
+
+def _tcp_pools_check_tcp(
+    pools: dict[str, PoolConfig], listeners: list[ListenerConfig], pools_node: yaml.Node | None
+) -> dict[str, PoolConfig]:
+    """A pool behind a tcp listener whose health_check names no type gets TCP-connect
+    checks: an HTTP check would mark a database or cache backend down."""
+    tcp_pools = {lc.pool for lc in listeners if lc.mode == "tcp"}
+    out = dict(pools)
+    for name in tcp_pools:
+        pc = pools.get(name or "")
+        if pc is None or pc.health_check is None or pc.health_check.type != "http":
+            continue
+        if not _mapping_has(_mapping_get(_mapping_get(pools_node, name), "health_check"), "type"):
+            out[name] = replace(pc, health_check=replace(pc.health_check, type="tcp"))
+    return out
+
+
+def _mapping_get(node: yaml.Node | None, key: str | None) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                return v
+    return None
+
+
+def _mapping_has(node: yaml.Node | None, key: str) -> bool:
+    return _mapping_get(node, key) is not None

@@ -1844,3 +1844,37 @@ def test_mutated_example_never_crashes(data: st.DataObject) -> None:
             + text[end:]
         )
     assert_config_or_config_error(text)
+
+
+def test_tcp_pool_health_check_defaults_to_tcp_connect() -> None:
+    text = """
+listeners:
+  - {name: db, bind: "127.0.0.1:15432", mode: tcp, pool: db}
+  - {name: web, bind: "127.0.0.1:8080", routes: [{pool: web}]}
+pools:
+  db:
+    health_check: {interval: 1s}
+    backends: [{name: a, address: "127.0.0.1:5432"}]
+  db_http:
+    health_check: {type: http}
+    backends: [{name: a, address: "127.0.0.1:5433"}]
+  web:
+    health_check: {interval: 1s}
+    backends: [{name: a, address: "127.0.0.1:9001"}]
+"""
+    cfg = parse(text)
+    assert cfg.pools["db"].health_check.type == "tcp"  # behind a tcp listener, no type given
+    assert cfg.pools["web"].health_check.type == "http"
+    assert cfg.pools["db_http"].health_check.type == "http"  # explicit type is kept
+
+
+def test_admin_metrics_switch() -> None:
+    base = """
+listeners: [{name: web, bind: "127.0.0.1:8080", routes: [{pool: web}]}]
+pools: {web: {backends: [{name: a, address: "127.0.0.1:9001"}]}}
+"""
+    assert parse(base).admin.metrics is True
+    assert parse(base + "admin: {metrics: false}\n").admin.metrics is False
+    with pytest.raises(ConfigError) as e:
+        parse(base + "admin: {metrics: maybe}\n")
+    assert e.value.problems[0].location == "admin.metrics"
