@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import socket
@@ -162,7 +163,12 @@ class _Receiver(asyncio.DatagramProtocol):
         self.endpoint = endpoint
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        self.endpoint._received(data, addr[0])
+        host = addr[0]
+        if host.startswith("::ffff:"):
+            # A dual-stack socket bound to "::" sees IPv4 peers as mapped addresses.
+            mapped = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
+            host = str(mapped) if mapped is not None else host
+        self.endpoint._received(data, host)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("heartbeat socket error: %s", exc)

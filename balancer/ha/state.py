@@ -276,6 +276,8 @@ class FailoverMachine:
 
     def handle(self, event: Event) -> Outcome:
         """Apply one event; return the role and what the caller must do, in order."""
+        if isinstance(event, PeerAdvert) and event.node_id == self.node_id:
+            return Outcome(self.role)  # our own heartbeat looped back: not a peer
         before = self.role
         actions: list[Action] = []
         reasons: list[str] = []
@@ -313,8 +315,6 @@ class FailoverMachine:
                     reasons.append("hand-over: no successor within dead_after, released anyway")
 
             case PeerAdvert():
-                if event.node_id == self.node_id:
-                    return Outcome(self.role)
                 waive_listen = self._remember(event)
                 # R2: the successor holds the role now; release ours.
                 if (

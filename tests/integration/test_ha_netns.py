@@ -140,6 +140,19 @@ def cluster(topo: Topology, tmp_path: Path) -> Cluster:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("ci", "outcome"), [("true", "failed"), ("", "skipped")])
+def test_missing_prerequisite_skips_but_fails_under_ci(
+    monkeypatch: pytest.MonkeyPatch, ci: str, outcome: str
+) -> None:
+    from tests.integration import netns
+
+    monkeypatch.setattr(netns, "netns_problem", lambda: "network namespace tests need root")
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if outcome == "failed" else pytest.skip.Exception
+    with pytest.raises(expected, match="need root"):
+        netns.require_netns()
+
+
 def test_topology_isolated_and_cleaned_up() -> None:
     require_netns()
     t = Topology()

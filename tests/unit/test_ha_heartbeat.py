@@ -407,3 +407,29 @@ def test_one_refusal_is_not_a_crash_two_within_the_window_are(run) -> None:
             sink.close()
 
     run(main())
+
+
+def test_dual_stack_listener_accepts_ipv4_peers(run) -> None:
+    async def main() -> None:
+        pb = free_udp_port()
+        ib = Inbox()
+        b = HeartbeatEndpoint(
+            node_id="lb2",
+            key=KEY,
+            bind=Address("::", pb),  # dual stack: IPv4 senders arrive as ::ffff:a.b.c.d
+            peers=[Address("127.0.0.1", free_udp_port())],
+            on_heartbeat=ib.heartbeat,
+        )
+        await b.start()
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        try:
+            peer.sendto(encode(heartbeat(), KEY), ("127.0.0.1", pb))
+            await ib.wait(1)
+            assert ib.items[0][1] == "127.0.0.1"
+            assert b.rejected[hbmod.UNKNOWN_PEER] == 0
+        finally:
+            peer.close()
+            b.close()
+
+    run(main())
