@@ -84,6 +84,8 @@ class Daemon:
         await self._start_ha()
 
     def _install_metrics(self) -> None:
+        if not self.config.admin.metrics:
+            return  # admin.metrics: false (to measure what counting costs); /metrics stays empty
         try:
             from balancer.admin.metrics import Metrics
         except ImportError:  # the admin package is optional in stripped-down embeddings
