@@ -121,7 +121,9 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.admitted = True
         listener.connections.add(self)
-        self.deadline_kind = DL_IDLE
+        # the first request head must be complete within client_header of the accept (not of
+        # its first byte: a client that waits, then trickles, must not get the time twice)
+        self.deadline_kind = DL_HEAD
         self.deadline = listener.loop_time() + listener.timeouts.client_header
         listener.watchdog.add(self)
 
@@ -168,16 +170,19 @@ class ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
+            # every byte either way keeps an upgraded connection alive (DL_TUNNEL)
+            self.deadline = self.listener.loop_time() + self.listener.timeouts.client_idle
             self.tunnel.send(data)
             return
-        if self.read_pause & PAUSE_DONE:
-            return  # after `Connection: close` or an error: the rest is not read
         if self.upgrade_pending:
-            # bytes after an upgrade request belong to the new protocol: hold them
+            # bytes after an upgrade request belong to the new protocol: hold them (checked
+            # before PAUSE_DONE, which an upgrade request also sets: see on_headers_complete)
             if self.active is not None:
                 self.active.early_tunnel_data.append(data)
             self.pause(PAUSE_DONE)
             return
+        if self.read_pause & PAUSE_DONE:
+            return  # after `Connection: close` or an error: the rest is not read
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -213,7 +218,7 @@ class ClientProtocol(asyncio.Protocol):
         self.parsing = ex
         self.head_size = 0
         self.header_count = 0
-        if self.active is None:
+        if self.active is None and self.deadline_kind != DL_HEAD:
             self.deadline_kind = DL_HEAD
             self.deadline = listener.loop_time() + listener.timeouts.client_header
 
@@ -239,7 +244,10 @@ class ClientProtocol(asyncio.Protocol):
         p = self.parser
         ex.method = p.get_method()
         ex.version = p.get_http_version()
-        ex.keep_alive = p.should_keep_alive()
+        # An upgrade request ends HTTP/1.1 on this connection whatever the answer: on 101 it
+        # becomes a tunnel; on anything else the bytes after it were already claimed as
+        # tunnel data and can't be parsed as requests, so that answer closes the connection.
+        ex.keep_alive = p.should_keep_alive() and not p.should_upgrade()
         self.head_size = 0
         ex.prepare()  # validates, routes and builds the forwarded head; may raise
         listener = self.listener
@@ -307,7 +315,11 @@ class ClientProtocol(asyncio.Protocol):
             # the next request's head already arrived (its body is streaming in)
             pass
         else:
+            # the next head began while this response was sent and no clock ran for it:
+            # it gets client_header from now (else a trickled pipelined head never times out)
+            listener = self.listener
             self.deadline_kind = DL_HEAD
+            self.deadline = listener.loop_time() + listener.timeouts.client_header
 
     def reject(self, status: int, detail: str) -> None:
         """Answer a bad request with a local error and close after it."""
@@ -359,6 +371,9 @@ class ClientProtocol(asyncio.Protocol):
         elif kind in (DL_HEAD, DL_BODY):
             if self.active is not None and self.parsing is None and kind == DL_HEAD:
                 return  # the head finished; the response is the backend's business now
+            if self.active is None and self.parsing is None:
+                self.close()  # not one byte of a request since the accept: close quietly
+                return
             self.reject(408, "client too slow to send its request")
         elif kind == DL_TUNNEL:
             self.close()
@@ -419,6 +434,7 @@ class Exchange:
         "started_at",
         "finished",
         "set_cookie",
+        "held",
     )
 
     def __init__(self, client: ClientProtocol) -> None:
@@ -467,6 +483,9 @@ class Exchange:
         self.started_at = time.monotonic()
         self.finished = False
         self.set_cookie: bytes | None = None
+        # the response head, held back to leave in the same write() as the first body
+        # bytes: one syscall instead of two per small response
+        self.held: bytes | None = None
 
     # -- request context for strategies ----------------------------------------------------
 
@@ -502,6 +521,10 @@ class Exchange:
         self.is_head = method == b"HEAD"
         if method == b"CONNECT":
             raise RequestRejected(405, "CONNECT is not supported")
+        if self.version != "1.1" and self.version != "1.0":
+            # llhttp also accepts HTTP/0.9 request lines and HTTP/2.0 as a version; neither
+            # can be forwarded as the HTTP/1.1 request the backend would be sent
+            raise RequestRejected(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         host_values: list[bytes] = []
         conn_values: list[bytes] = []
         xff: list[bytes] = []
@@ -535,6 +558,8 @@ class Exchange:
             elif lname == b"cookie":
                 cookies.append(value)
             out.append((name, value, lname))
+        if len(host_values) > 1:
+            raise RequestRejected(400, "more than one Host header")
 
         url = self.url
         if url[:1] != b"/" and url != b"*":
@@ -542,15 +567,22 @@ class Exchange:
             scheme_end = url.find(b"://")
             if scheme_end < 0:
                 raise RequestRejected(400, "invalid request target")
+            if url[:scheme_end].lower() not in (b"http", b"https"):
+                raise RequestRejected(400, "invalid request target")
             rest = url[scheme_end + 3 :]
             slash = rest.find(b"/")
             authority = rest if slash < 0 else rest[:slash]
+            # RFC 9112 3.2.2 lets the target's authority override Host; a backend (or a cache
+            # in front of it) that reads Host instead would see another site, so a request
+            # naming two different hosts is refused rather than silently re-pointed
+            if self.version == "1.1" and not host_values:
+                raise RequestRejected(400, "missing Host header")
+            if any(h.strip().lower() != authority.lower() for h in host_values):
+                raise RequestRejected(400, "Host header does not match the request target")
             self.url = url = b"/" if slash < 0 else rest[slash:]
             host_values = [authority]
             out = [h for h in out if h[2] != b"host"]
             out.insert(0, (b"Host", authority, b"host"))
-        if len(host_values) > 1:
-            raise RequestRejected(400, "more than one Host header")
         if host_values:
             if not valid_host(host_values[0]):
                 raise RequestRejected(400, "invalid Host header")
@@ -561,6 +593,9 @@ class Exchange:
             self.needs_host = True
 
         if te is not None:
+            if self.version == "1.0":
+                # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing
+                raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
             if te.strip().lower() != b"chunked":
                 raise RequestRejected(501, "unsupported transfer coding")
             self.chunked = True
@@ -890,7 +925,10 @@ class Exchange:
         self.client_close = close
         head = b"".join(parts)
         self.bytes_out += len(head)
-        client.write(head)
+        if has_body and status != 101:
+            self.held = head
+        else:
+            client.write(head)
 
     def response_body(self, data: bytes) -> None:
         if not data:
@@ -898,13 +936,26 @@ class Exchange:
         if self.rechunk:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         self.bytes_out += len(data)
+        held = self.held
+        if held is not None:
+            self.held = None
+            if len(data) <= 65536:
+                data = held + data
+            else:
+                self.client.write(held)
         self.client.write(data)
 
     def response_done(self, reusable: bool) -> None:
         self.conn = None
+        tail = b""
         if self.rechunk:
-            self.client.write(CHUNKED_END)
+            tail = CHUNKED_END
             self.bytes_out += 5
+        if self.held is not None:
+            tail = self.held + tail  # a response whose body turned out empty
+            self.held = None
+        if tail:
+            self.client.write(tail)
         b = self.backend
         if b is not None:
             self.pool.release(b, failed=self.status >= 500)  # type: ignore[union-attr]
@@ -918,7 +969,11 @@ class Exchange:
             conn.close()
             return False
         client.tunnel = conn
-        client.deadline = 0.0
+        # a tunnel with no traffic either way for client_idle is closed (both sides); each
+        # byte relayed pushes the deadline on (data_received, tunnel_from_upstream)
+        listener = self.listener
+        client.deadline_kind = DL_TUNNEL
+        client.deadline = listener.loop_time() + listener.timeouts.client_idle
         for data in self.early_tunnel_data:
             conn.send(data)
         self.early_tunnel_data.clear()
@@ -929,7 +984,9 @@ class Exchange:
 
     def tunnel_from_upstream(self, data: bytes) -> None:
         self.bytes_out += len(data)
-        self.client.write(data)
+        client = self.client
+        client.deadline = self.listener.loop_time() + self.listener.timeouts.client_idle
+        client.write(data)
 
     def tunnel_closed(self) -> None:
         self.conn = None

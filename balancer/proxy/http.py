@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1); never forwarded.
@@ -89,8 +90,11 @@ def host_without_port(host: bytes) -> bytes:
     return host[:colon] if colon >= 0 else host
 
 
+_BAD_HOST = re.compile(rb"[ \t,/@?#\\]")
+
+
 def valid_host(host: bytes) -> bool:
     """A syntactically plausible Host value (RFC 9110 7.2): one authority, no spaces."""
     if not host or len(host) > 255:
         return False
-    return not any(c in host for c in b" \t,/@?#\\")
+    return _BAD_HOST.search(host) is None

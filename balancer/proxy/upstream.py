@@ -57,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
         "status",
         "reason",
         "headers",
+        "hop",
         "content_length",
         "chunked",
         "conn_close",
@@ -82,7 +83,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser: httptools.HttpResponseParser | None = None
         self.status = 0
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # end-to-end headers only
+        self.hop: list[tuple[bytes, bytes, bytes]] | None = None  # hop-by-hop, set aside
         self.content_length = -1
         self.chunked = False
         self.conn_close = False
@@ -267,15 +269,20 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # hop-by-hop headers are set aside as they arrive, so the end-to-end list is ready
+        # for the client without a second pass in the common case
         lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"transfer-encoding":
+                self.chunked = value.strip().lower().endswith(b"chunked")
+            elif lname == b"connection" and b"close" in value.lower():
+                self.conn_close = True
+            if self.hop is None:
+                self.hop = []
+            self.hop.append((name, value, lname))
+            return
         if lname == b"content-length":
             self.content_length = int(value)
-        elif lname == b"transfer-encoding":
-            self.chunked = value.strip().lower().endswith(b"chunked")
-        elif lname == b"connection":
-            v = value.lower()
-            if b"close" in v:
-                self.conn_close = True
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -330,20 +337,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     def client_headers(self) -> list[tuple[bytes, bytes]]:
         """Response headers minus hop-by-hop ones (and any the Connection header names)."""
+        hop = self.hop
+        if hop is None:
+            return self.headers
+        if self.status == 101:
+            return self.headers + [(n, v) for n, v, ln in hop if ln in (b"upgrade", b"connection")]
         named: set[bytes] = set()
-        for n, v in self.headers:
-            if n.lower() == b"connection":
+        for _, v, ln in hop:
+            if ln == b"connection":
                 named.update(t.strip().lower() for t in v.split(b","))
-        out = []
-        keep_upgrade = self.status == 101
-        for n, v in self.headers:
-            ln = n.lower()
-            if ln in HOP_BY_HOP or ln in named:
-                if keep_upgrade and (ln == b"upgrade" or ln == b"connection"):
-                    out.append((n, v))
-                continue
-            out.append((n, v))
-        return out
+        named -= {b"close", b"keep-alive"}
+        if not named:
+            return self.headers
+        return [(n, v) for n, v in self.headers if n.lower() not in named]
 
 
 class Watchdog:
