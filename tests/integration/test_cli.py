@@ -1,0 +1,117 @@
+"""The `balancer` command as an operator uses it: check, run with a bad file, demo."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from tests.integration.harness import ROOT, free_port, wait_port
+
+BAD = """listeners:
+  - name: http
+    bind: "127.0.0.1:{port}"
+    routes: [{{pool: wbe}}]
+pools:
+  web:
+    strategyy: round_robin
+    backends:
+      - {{name: a, address: "127.0.0.1:9001"}}
+      - {{name: b, address: "127.0.0.1:70000"}}
+"""
+
+
+def balancer(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "balancer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_check_accepts_the_demo_config():
+    r = balancer("check", "-c", str(ROOT / "config" / "demo.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
+
+
+def test_check_reports_every_problem_with_its_location(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD.format(port=free_port()))
+    r = balancer("check", "-c", str(path))
+    assert r.returncode == 1
+    err = r.stderr
+    assert "Traceback" not in err
+    assert f"{path}:4: listeners[0].routes[0].pool" in err
+    assert f"{path}:7: pools.web.strategyy: unknown key" in err and "strategy" in err
+    assert f"{path}:10: pools.web.backends[1].address" in err
+
+
+def test_check_missing_and_unparsable_files(tmp_path):
+    r = balancer("check", "-c", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "nope.yaml" in r.stderr
+    (tmp_path / "syntax.yaml").write_text("listeners: [\n  - {name: x\n")
+    r = balancer("check", "-c", str(tmp_path / "syntax.yaml"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "syntax.yaml:" in r.stderr
+
+
+def test_run_refuses_a_bad_file_before_binding(tmp_path):
+    port = free_port()
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD.format(port=port))
+    r = balancer("run", "-c", str(path))
+    assert r.returncode == 1
+    assert "pools.web.strategyy" in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as s:  # the port was never bound
+        s.bind(("127.0.0.1", port))
+
+
+def test_demo_serves_three_backends_and_stops_on_ctrl_c():
+    for port in (8080, 9000, 9101, 9102, 9103):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(
+                    f"port {port} is busy: the demo's fixed ports must be free for this test"
+                )
+    p = subprocess.Popen(
+        [sys.executable, "-m", "balancer", "demo"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_port(8080, p)
+        wait_port(9000, p)
+        deadline = time.monotonic() + 10
+        names = set()
+        with requests.Session() as s:
+            while time.monotonic() < deadline and len(names) < 3:
+                r = s.get("http://127.0.0.1:8080/", timeout=5)
+                assert r.status_code == 200
+                names.add(r.headers["X-Backend-Name"])
+        assert names == {"app1", "app2", "app3"}
+        assert (
+            requests.get("http://127.0.0.1:9000/status", timeout=5).json()["pools"]["web"][
+                "strategy"
+            ]
+            == "round_robin"
+        )
+        p.send_signal(signal.SIGINT)
+        assert p.wait(20) == 0
+        out = p.stdout.read()
+        assert "http://127.0.0.1:8080/" in out and "Traceback" not in out
+        for port in (8080, 9101, 9102, 9103):  # everything it started is gone
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
