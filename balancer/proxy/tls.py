@@ -42,6 +42,8 @@ class SniSelector:
         self.load(tls)
 
     def load(self, tls: TlsConfig) -> None:
+        """Read every certificate file into new contexts, then swap them in at once: a file
+        that fails to load raises before anything changed, so the last good set serves on."""
         exact: dict[str, ssl.SSLContext] = {}
         wildcard: dict[str, ssl.SSLContext] = {}
         contexts = []
@@ -58,16 +60,16 @@ class SniSelector:
         self.exact = exact
         self.wildcard = wildcard
 
-    def pick(self, server_name: str | None) -> ssl.SSLContext | None:
+    def pick(self, server_name: str | None) -> ssl.SSLContext:
         if not server_name:
-            return None
+            return self.contexts[0]
         name = server_name.lower()
         ctx = self.exact.get(name)
         if ctx is None:
             dot = name.find(".")
             if dot > 0:
                 ctx = self.wildcard.get(name[dot:])
-        return ctx
+        return ctx or self.contexts[0]
 
 
 def build_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -78,9 +80,11 @@ def build_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     outer.load_cert_chain(first.cert, first.key)
 
     def on_sni(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-        chosen = selector.pick(server_name)
-        if chosen is not None and chosen is not outer:
-            sslobj.context = chosen
+        # every handshake takes its certificate from the selector, the default one included
+        # (Python calls this with None when the client sends no SNI): a reload then only has
+        # to swap the selector's contexts, and the outer context's own certificate, loaded
+        # once at start, is never served again
+        sslobj.context = selector.pick(server_name)
 
     outer.sni_callback = on_sni
     outer.balancer_sni = selector  # type: ignore[attr-defined]
@@ -89,9 +93,12 @@ def build_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 
 def reload_certificates(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
     """Load renewed certificate files into a live listener's context (new handshakes use
-    them; established connections are unaffected)."""
-    first = tls.certificates[0]
-    ctx.load_cert_chain(first.cert, first.key)
-    selector = getattr(ctx, "balancer_sni", None)
-    if selector is not None:
-        selector.load(tls)
+    them; established connections are unaffected). `ctx` must be the context the listening
+    server was created with. All or nothing: on a bad file this raises (ssl.SSLError or
+    OSError) and the previous certificates keep serving."""
+    ctx.balancer_sni.load(tls)  # type: ignore[attr-defined]
+    # the protocol floor is read from the context the connection started on, not from the
+    # one the SNI callback switches to
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
