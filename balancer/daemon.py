@@ -438,7 +438,9 @@ class Daemon:
             "shutting down: draining in-flight requests (up to %.0fs)", self.config.timeouts.drain
         )
         if self.ha is not None:
-            await self.ha.shutdown(self._drain_after_handover)
+            await self.ha.shutdown(
+                self.drain
+            )  # resign, wait for the successor, drain, drop the VIP
         else:
             await self.drain()
         for checker in self.checkers.values():
@@ -453,13 +455,6 @@ class Daemon:
         self.access_log.close()
         self._stopped.set()
         log.warning("stopped")
-
-    async def _drain_after_handover(self) -> None:
-        # the peer needs a moment to take the address and announce it; until then clients
-        # still reach this node, so keep accepting that long before draining
-        ha = self.config.ha
-        await asyncio.sleep(2 * ha.advert_interval if ha else 0)  # type: ignore[union-attr]
-        await self.drain()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

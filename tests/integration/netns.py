@@ -369,7 +369,9 @@ async def _client_main(url: str, rate: float, timeout: float) -> None:
         writer = None
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-            writer.write(f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            writer.write(
+                f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )  # read() below waits for the end of the connection: ask for it
             raw = await asyncio.wait_for(reader.read(), timeout)
             head, _, body = raw.partition(b"\r\n\r\n")
             if head.startswith(b"HTTP/1.1 200"):
