@@ -194,6 +194,10 @@ class UpstreamConnection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
+        except httptools.HttpParserUpgrade:
+            # llhttp stops after the head of a 101 (it is not an HttpParserError): the head
+            # is complete and _start_body turns the connection into a tunnel
+            pass
         except httptools.HttpParserError as e:
             self._protocol_error(f"invalid response: {e}")
 
