@@ -924,6 +924,15 @@ class _Parser:
         log_section = _Section(self, top.value_node("access_log"), "access_log", _ACCESS_LOG_KEYS)
         access_log = log_section.fields(format=_log_format, path=self.path_in_existing_dir)
         workers = top.get("workers", _int(1))
+        if isinstance(workers, int) and workers > 1:
+            # a key that parses but does nothing would be worse than a clear refusal
+            self.problem(
+                "workers",
+                f"workers: {workers}: this version runs one process per balancer; multi-process"
+                " mode (SO_REUSEPORT workers sharing health and admin state) is not implemented"
+                " yet: use workers: 1",
+                top.value_node("workers"),
+            )
         if not self.clean_since(mark) or pools is None or listeners is None or admin is None:
             return None
         extra: dict[str, Any] = {} if workers is _ABSENT else {"workers": workers}

@@ -234,7 +234,7 @@ def test_every_key_is_read(all_strategies: None, certs: dict[str, str], tmp_path
     token_file = tmp_path / "admin.token"
     token_file.write_text("t0ken\n")
     text = f"""\
-workers: 4
+workers: 1
 listeners:
   - name: https
     bind: "[::]:8443"
@@ -290,7 +290,7 @@ ha:
 access_log: {{format: json, path: access.log}}
 """
     config = parse(text, base_dir=str(tmp_path))
-    assert config.workers == 4
+    assert config.workers == 1
     https, redirect, db = config.listeners
     assert https.bind == Address("::", 8443)
     assert https.tls is not None and https.tls.min_version == "1.3"
@@ -1878,3 +1878,15 @@ pools: {web: {backends: [{name: a, address: "127.0.0.1:9001"}]}}
     with pytest.raises(ConfigError) as e:
         parse(base + "admin: {metrics: maybe}\n")
     assert e.value.problems[0].location == "admin.metrics"
+
+
+def test_workers_above_one_is_refused_not_ignored() -> None:
+    base = """
+listeners: [{name: web, bind: "127.0.0.1:8080", routes: [{pool: web}]}]
+pools: {web: {backends: [{name: a, address: "127.0.0.1:9001"}]}}
+"""
+    assert parse(base + "workers: 1\n").workers == 1
+    with pytest.raises(ConfigError) as e:
+        parse(base + "workers: 4\n")
+    assert e.value.problems[0].location == "workers"
+    assert "not implemented" in e.value.problems[0].message
