@@ -384,3 +384,35 @@ def test_slow_start_ramps_a_returning_backend(procs):
         late = Counter(who(s.get(f"{lb.url}/echo", timeout=5)) for _ in range(40))
     assert early["app1"] < 12, early  # well under its full half share while ramping
     assert 16 <= late["app1"] <= 24, late  # back to an even share
+
+
+def test_sticky_key_rotation_through_reload(procs, tmp_path):
+    import signal
+
+    bs = backends(procs, 3)
+    key = tmp_path / "rot.key"
+    old, new = "11" * 32, "22" * 32
+    key.write_text(old + "\n")
+    lb = procs.balancer(sticky_cfg(bs, key_file=str(key)))
+    r = requests.get(f"{lb.url}/echo", timeout=5)
+    pinned, value = who(r), r.cookies["LBSTICKY"]
+
+    def visit() -> requests.Response:
+        return requests.get(f"{lb.url}/echo", headers={"Cookie": f"LBSTICKY={value}"}, timeout=5)
+
+    # step 1: the new key signs, the old one still verifies: live sessions keep their pin
+    key.write_text(new + "\n" + old + "\n")
+    lb.proc.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    for _ in range(3):
+        r = visit()
+        assert who(r) == pinned and "Set-Cookie" not in r.headers
+    fresh = requests.get(f"{lb.url}/echo", timeout=5).cookies["LBSTICKY"]
+    assert fresh != value
+    # step 2 (after one ttl): the old key is dropped; its cookies are no longer accepted
+    key.write_text(new + "\n")
+    lb.proc.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert "LBSTICKY=" in visit().headers.get("Set-Cookie", "")
+    r = requests.get(f"{lb.url}/echo", headers={"Cookie": f"LBSTICKY={fresh}"}, timeout=5)
+    assert "Set-Cookie" not in r.headers  # signed with the new key: still valid
