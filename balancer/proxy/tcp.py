@@ -82,6 +82,7 @@ class TcpClient(asyncio.Protocol):
         "closed",
         "admitted",
         "tried",
+        "eof_pending",
     )
 
     def __init__(self, listener: TcpListener) -> None:
@@ -95,6 +96,7 @@ class TcpClient(asyncio.Protocol):
         self.closed = False
         self.admitted = False
         self.tried: list[Backend] = []
+        self.eof_pending = False  # the client half-closed before the backend connection was up
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -145,6 +147,8 @@ class TcpClient(asyncio.Protocol):
                 up.transport.write(b"".join(self.pending))
                 self.pending.clear()
                 self.transport.resume_reading()  # type: ignore[union-attr]
+            if self.eof_pending and up.transport.can_write_eof():
+                up.transport.write_eof()
             return
         log.warning("tcp %s: no backend available for %s", self.listener.name, self.client_ip)
         if self.transport is not None:
@@ -162,7 +166,12 @@ class TcpClient(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         up = self.upstream
-        if up is not None and up.transport is not None and up.transport.can_write_eof():
+        if up is None:
+            # half-closed before the backend connection is up (`printf ... | nc -N`): pass
+            # the FIN on once it is, after the pending bytes; keep our side open for the reply
+            self.eof_pending = True
+            return True
+        if up.transport is not None and up.transport.can_write_eof():
             up.transport.write_eof()
             return True
         return False
