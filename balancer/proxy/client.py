@@ -637,7 +637,8 @@ class Exchange:
             self.client_close = True
             self.prepared = True
             return
-        pool = listener.router.match(host_without_port(self.host), url)
+        router = listener.router
+        pool = router.match(host_without_port(self.host) if router.uses_host else b"", url)
         if pool is None:
             self.local = local_response(
                 404, "no route for this host and path", close=not self.keep_alive

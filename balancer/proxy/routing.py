@@ -11,7 +11,7 @@ from balancer.pool import Pool
 class Router:
     """Immutable once built: a reload builds a new Router and swaps it into the listener."""
 
-    __slots__ = ("_routes",)
+    __slots__ = ("_routes", "uses_host")
 
     def __init__(self, routes: Sequence[Route], pools: Mapping[str, Pool]) -> None:
         compiled: list[tuple[bytes | None, bool, bytes | None, Pool]] = []
@@ -23,6 +23,8 @@ class Router:
             prefix = r.path_prefix.encode() if r.path_prefix else None
             compiled.append((host, wildcard, prefix, pools[r.pool]))
         self._routes = tuple(compiled)
+        # lets the proxy skip normalising the Host header when no route looks at it
+        self.uses_host = any(host is not None for host, _, _, _ in compiled)
 
     def match(self, host: bytes, path: bytes) -> Pool | None:
         """`host` without port, lower-cased; `path` the raw request target."""

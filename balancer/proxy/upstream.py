@@ -58,6 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reason",
         "headers",
         "hop",
+        "conn_named",
         "content_length",
         "chunked",
         "conn_close",
@@ -85,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []  # end-to-end headers only
         self.hop: list[tuple[bytes, bytes, bytes]] | None = None  # hop-by-hop, set aside
+        self.conn_named = False  # Connection names headers beyond close/keep-alive
         self.content_length = -1
         self.chunked = False
         self.conn_close = False
@@ -97,6 +99,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # registered once for its whole life: deadline 0 means nothing to enforce
+        self.pool.watchdog.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -279,8 +283,12 @@ class UpstreamConnection(asyncio.Protocol):
         if lname in HOP_BY_HOP:
             if lname == b"transfer-encoding":
                 self.chunked = value.strip().lower().endswith(b"chunked")
-            elif lname == b"connection" and b"close" in value.lower():
-                self.conn_close = True
+            elif lname == b"connection":
+                v = value.lower()
+                if b"close" in v:
+                    self.conn_close = True
+                if v != b"keep-alive" and v != b"close":
+                    self.conn_named = True
             if self.hop is None:
                 self.hop = []
             self.hop.append((name, value, lname))
@@ -311,7 +319,6 @@ class UpstreamConnection(asyncio.Protocol):
         """The whole request is on its way: the backend's response time starts now."""
         if self.state == HEAD:
             self.deadline = self.pool.loop_time() + self.pool.backend_timeout
-            self.pool.watchdog.add(self)
 
     def on_deadline(self, now: float) -> None:
         if self.exchange is None:  # idle too long in the pool
@@ -342,7 +349,7 @@ class UpstreamConnection(asyncio.Protocol):
     def client_headers(self) -> list[tuple[bytes, bytes]]:
         """Response headers minus hop-by-hop ones (and any the Connection header names)."""
         hop = self.hop
-        if hop is None:
+        if hop is None or (not self.conn_named and self.status != 101):
             return self.headers
         if self.status == 101:
             return self.headers + [(n, v) for n, v, ln in hop if ln in (b"upgrade", b"connection")]
@@ -433,7 +440,6 @@ class BackendConnections:
                 conn.reused = True
                 conn._reset_response()
                 return conn
-            self.watchdog.discard(conn)
         return None
 
     async def connect(self) -> UpstreamConnection:
@@ -449,7 +455,6 @@ class BackendConnections:
             return
         conn.idle_since = now = self.loop_time()
         conn.deadline = now + self.idle_timeout
-        self.watchdog.add(conn)
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

@@ -421,3 +421,53 @@ def test_listener_port_unavailable_fails_cleanly(procs):
     assert lb.proc.wait(15) == 1
     assert "Traceback" not in lb.log_text()
     wait_port(port)
+
+
+def test_backend_connect_timeout_gives_504(procs):
+    # a listener that never accepts, its accept queue filled: further SYNs go unanswered
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        time.sleep(0.2)
+        lb = procs.balancer(config([("slow", port)], timeouts={"connect": "500ms"}))
+        t0 = time.monotonic()
+        r = requests.get(f"{lb.url}/", timeout=10)
+        took = time.monotonic() - t0
+        assert r.status_code == 504
+        assert 0.4 < took < 5
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
+
+
+def test_idle_upstream_connections_expire(procs):
+    port, _ = procs.raw_backend("a", "ok")
+    lb = procs.balancer(config([("a", port)], timeouts={"upstream_idle": "500ms"}))
+    first = requests.get(f"{lb.url}/1", timeout=5).text
+    again = requests.get(f"{lb.url}/2", timeout=5).text
+    assert first == again  # reused while warm
+    time.sleep(1.5)  # longer than upstream_idle: the pooled connection was closed
+    later = requests.get(f"{lb.url}/3", timeout=5).text
+    assert later != first and later.startswith("ok conn=")
+
+
+def test_sigterm_closes_idle_keepalive_connections_at_once(procs):
+    lb = procs.balancer(config(three_backends(procs)))
+    idle = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+    idle.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+    t0 = time.monotonic()
+    lb.proc.send_signal(signal.SIGTERM)
+    assert idle.recv(100) == b""  # closed by the balancer, not left to the 30 s drain limit
+    assert lb.proc.wait(10) == 0
+    assert time.monotonic() - t0 < 5
+    idle.close()
