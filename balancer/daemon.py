@@ -44,6 +44,7 @@ class Daemon:
         self.events = PoolEvents()
         self.started_at = time.time()
         self.reloads = 0
+        self.reload_failures = 0  # for balancer_config_reloads_total{result="failure"}
         self.last_reload_error: list[str] = []
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -226,6 +227,7 @@ class Daemon:
         except ConfigError as e:
             problems = [str(p) for p in e.problems]
             self.last_reload_error = problems
+            self.reload_failures += 1
             log.error("reload rejected, old config keeps serving:\n  %s", "\n  ".join(problems))
             return problems
         try:
@@ -233,6 +235,7 @@ class Daemon:
         except (OSError, ValueError) as e:
             msg = f"reload failed while applying: {e}"
             self.last_reload_error = [msg]
+            self.reload_failures += 1
             log.error("%s; old listeners keep serving", msg)
             return [msg]
         self.reloads += 1
@@ -282,7 +285,6 @@ class Daemon:
                         timeouts=new.timeouts,
                     )
                     if lc.tls is not None:
-                        listener.ssl_context = self._ssl_context(lc)
                         self._refresh_tls(listener)
                 else:
                     listener.apply(lc, pool=new_pools[lc.pool])  # type: ignore[attr-defined]
@@ -325,14 +327,12 @@ class Daemon:
         return cur.bind == lc.bind and cur.mode == lc.mode and (cur.tls is None) == (lc.tls is None)
 
     def _refresh_tls(self, listener: HttpListener) -> None:
-        # asyncio servers keep the SSLContext they were created with; new connections must
-        # see renewed certificates, so load them into that same context object
+        # the server keeps the SSLContext it was created with: renewed certificates must be
+        # loaded into that same object for new handshakes to see them
         from balancer.proxy.tls import reload_certificates
 
-        server = listener.server
-        ctx = getattr(server, "_ssl_context", None) or listener.ssl_context
-        if listener.config.tls is not None and ctx is not None:
-            reload_certificates(ctx, listener.config.tls)
+        if listener.config.tls is not None and listener.ssl_context is not None:
+            reload_certificates(listener.ssl_context, listener.config.tls)
 
     # -- runtime backend changes (admin API) ------------------------------------------------
 
@@ -456,6 +456,11 @@ class Daemon:
         self.access_log.close()
         self._stopped.set()
         log.warning("stopped")
+
+    @property
+    def stopping(self) -> bool:
+        """Shutting down (draining): the admin's /healthz answers 503 from now on."""
+        return self._stopping
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -313,14 +313,6 @@ def wait_log(lb: Balancer, text: str, count: int, timeout: float = 10.0) -> None
         time.sleep(0.05)
 
 
-# uvloop's Server has no `_ssl_context`, so Daemon._refresh_tls falls back to
-# listener.ssl_context, which Daemon.apply has just replaced by a brand-new context: the renewed
-# files are loaded into a context no server uses. Fix (daemon.py, lead's file): in apply() drop
-# `listener.ssl_context = self._ssl_context(lc)` and let _refresh_tls use
-# `listener.ssl_context` (the context create_server was given). Verified to pass with that fix.
-@pytest.mark.xfail(
-    strict=True, reason="daemon reloads certificates into a context no server uses (uvloop)"
-)
 def test_sighup_picks_up_renewed_certificate_files(procs, ca):
     backend = procs.demo_backend("app")
     old_a = ca.issue_cert("a.test", key_type=RSA)
