@@ -50,6 +50,9 @@ PAUSE_UPSTREAM = 2  # the backend connection's write buffer is full
 PAUSE_CONNECTING = 4  # body buffered while the backend connection is being made
 PAUSE_DONE = 8  # no more requests will be read on this connection
 
+# Connection options that never remove a header of that name (see Exchange.prepare).
+NOT_NOMINABLE = frozenset({b"close", b"keep-alive", b"upgrade", b"content-length", b"host"})
+
 # What the connection deadline means when the watchdog fires.
 DL_IDLE = 0  # between requests: close quietly
 DL_HEAD = 1  # reading a request head: 408
@@ -144,6 +147,24 @@ class ClientProtocol(asyncio.Protocol):
             self.active = None
         self.queue.clear()
         self.parsing = None
+
+    def eof_received(self) -> bool:
+        """The client half-closed (shutdown(SHUT_WR) after its request, as `nc -N` and many
+        scripted clients do): the requests it completed are still answered and the connection
+        closes after the last; one cut short can never complete, so it is not waited for.
+        (While pipelined requests wait, reading is paused and the EOF is seen late: then the
+        last answer may already be out without Connection: close; the close still follows.)"""
+        if self.tunnel is not None or self.listener.ssl_context is not None:
+            return False  # TLS has no half-close; a tunnel ends with either side
+        last = None
+        for ex in (self.active, *self.queue):
+            if ex is None or not ex.request_complete:
+                break
+            last = ex
+        if last is None:
+            return False  # nothing complete to answer: close now
+        last.client_close = True
+        return True
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -608,7 +629,11 @@ class Exchange:
             self.expect_continue = self.version == "1.1"
         tokens = connection_tokens(conn_values) if conn_values else None
         if tokens:
-            named = tokens - {b"close", b"keep-alive", b"upgrade"}
+            # Connection may drop end-to-end headers, but never the ones the forwarded framing
+            # and routing rest on: "Connection: content-length" would send the body without
+            # its length (the backend reading it as a second, smuggled request), and
+            # "Connection: host" an HTTP/1.1 request without Host
+            named = tokens - NOT_NOMINABLE
             if named:
                 out = [h for h in out if h[2] not in named]
         if upgrade_value is not None and tokens and b"upgrade" in tokens:

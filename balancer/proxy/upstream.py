@@ -357,7 +357,9 @@ class UpstreamConnection(asyncio.Protocol):
         for _, v, ln in hop:
             if ln == b"connection":
                 named.update(t.strip().lower() for t in v.split(b","))
-        named -= {b"close", b"keep-alive"}
+        # the response is relayed with its own Content-Length framing: a "Connection:
+        # content-length" must not strip it (the client would misread where the body ends)
+        named -= {b"close", b"keep-alive", b"content-length"}
         if not named:
             return self.headers
         return [(n, v) for n, v in self.headers if n.lower() not in named]

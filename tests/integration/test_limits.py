@@ -690,3 +690,123 @@ def test_content_length_request_is_forwarded_with_one_framing(procs):
     assert lines.count(b"content-length: 5") == 1
     assert not any(ln.startswith(b"transfer-encoding") for ln in lines)
     assert body == b"hello"
+
+
+def test_connection_header_cannot_strip_framing_or_host(procs):
+    port, record = procs.raw_backend("a")
+    lb = procs.balancer(config([("a", port)]))
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n"
+    with connect(lb.port) as s:
+        s.sendall(
+            b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+            b"Connection: content-length, host, x-secret\r\nX-Secret: s\r\n\r\n%b"
+            % (len(smuggled), smuggled)
+        )
+        assert read_response(s)[0] == 200
+    time.sleep(0.1)
+    got = record.read_bytes()
+    # one request, its body intact: had Content-Length been dropped as "nominated", the
+    # backend would have read the body as a second request (GET /admin)
+    assert got.count(b"\n--END--\n") == 1, got
+    head, body = got.split(b"\n--END--\n")[0].split(b"\r\n\r\n", 1)
+    lines = head.lower().split(b"\r\n")
+    assert b"content-length: %d" % len(smuggled) in lines
+    assert b"host: x" in lines
+    assert not any(ln.startswith(b"x-secret") for ln in lines)  # other nominees still go
+    assert body == smuggled
+
+
+class ScriptedBackend:
+    """Answers every request head it reads with the same fixed bytes (keep-alive)."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                c, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(c,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, c: socket.socket) -> None:
+        c.settimeout(0.1)
+        buf = b""
+        with c:
+            while not self._stop.is_set():
+                try:
+                    data = c.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    _, buf = buf.split(b"\r\n\r\n", 1)
+                    c.sendall(self.answer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        for t in self._threads:
+            t.join(2)
+
+
+def test_backend_connection_header_cannot_strip_response_framing(procs):
+    backend = ScriptedBackend(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length, x-hop\r\n"
+        b"X-Hop: h\r\n\r\nhello"
+    )
+    try:
+        lb = procs.balancer(config([("b", backend.port)]))
+        with connect(lb.port) as s:
+            for _ in range(3):  # keep-alive: each response must end where it says
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, head, body = read_response(s)
+                assert status == 200 and body == b"hello"
+                lines = head.lower().split(b"\r\n")
+                assert b"content-length: 5" in lines
+                assert not any(ln.startswith(b"x-hop") for ln in lines)
+    finally:
+        backend.close()
+
+
+def test_half_closed_client_still_gets_its_answers(procs):
+    port, record = procs.raw_backend("a")
+    lb = procs.balancer(config([("a", port)]))
+    with connect(lb.port) as s:
+        s.sendall(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)  # "that's all I have to say" (nc -N, scripted clients)
+        first = read_response(s)
+        second = read_response(s)
+        assert first[0] == 200 and second[0] == 200
+        assert closed_by_peer(s)  # then the balancer closes its side too
+    with connect(lb.port) as s:
+        s.sendall(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        status, head, _ = read_response(s)
+        assert status == 200 and b"connection: close" in head.lower()
+        assert closed_by_peer(s)
+    # a request cut short by the half-close can never complete: closed at once, unanswered
+    before = len(record.read_bytes())
+    with connect(lb.port) as s:
+        s.sendall(b"POST /3 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        s.shutdown(socket.SHUT_WR)
+        t0 = time.monotonic()
+        assert s.recv(65536) == b""
+        assert time.monotonic() - t0 < 1
+    time.sleep(0.1)
+    assert b"POST /3" not in record.read_bytes()[before:]
