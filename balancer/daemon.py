@@ -191,10 +191,27 @@ class Daemon:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         bind = self.config.admin.bind
-        site = web.TCPSite(runner, bind.host, bind.port, reuse_address=True)
-        await site.start()
+        try:
+            site = web.TCPSite(runner, bind.host, bind.port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
         self._admin_runner = runner
         log.info("admin API on http://%s", bind)
+
+    async def _move_admin(self) -> None:
+        """admin.bind changed in a reload: serve on the new address, then close the old one
+        (a moment later, so the POST /reload that asked for it still gets its answer)."""
+        old = self._admin_runner
+        await self._start_admin()
+        if old is not None:
+
+            async def close_later() -> None:
+                await asyncio.sleep(1.0)
+                await old.cleanup()
+
+            self._tasks.append(self.loop.create_task(close_later()))
 
     async def _start_ha(self) -> None:
         if self.config.ha is None:
@@ -312,6 +329,8 @@ class Daemon:
             self.access_log = AccessLog(new.access_log)
             self.observer.access_log = self.access_log
             old_log.close()
+        if new.admin.bind != old_cfg.admin.bind:
+            await self._move_admin()
 
     def _make_listener_for(self, new: Config, lc: config_mod.ListenerConfig) -> object:
         saved = self.config
@@ -400,6 +419,11 @@ class Daemon:
         deadline = self.loop.time() + self.config.timeouts.drain
         while b.inflight > 0 and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if b.admin_state is not BackendState.DRAINING:
+            # a reload whose file still lists this backend put it back in service: the file
+            # wins over the pending runtime removal
+            log.warning("pool %s: removal of %s cancelled by a reload", pool_name, b.name)
+            return
         pool = self.pools.get(pool_name)
         if pool is not None:
             pool.remove_backend(b)

@@ -495,3 +495,44 @@ def test_healthz_says_draining_during_shutdown_and_dashboard_is_served(procs):
     t.join(15)
     assert got == [200]
     assert lb.proc.wait(15) == 0
+
+
+def test_reload_keeping_a_backend_cancels_its_pending_removal(procs):
+    lb, ports = start(procs, 2)
+    # a slow request keeps app1 busy (round robin starts there), so its removal waits on it
+    held = threading.Thread(target=lambda: requests.get(f"{lb.url}/echo?delay=2", timeout=10))
+    held.start()
+    time.sleep(0.3)
+    code, _ = lb.admin("/pools/web/backends/app1", "DELETE")
+    assert code == 202
+    assert lb.backend("web", "app1")["state"] == "draining"
+    code, body = lb.admin("/reload", "POST")  # the file still lists app1
+    assert code == 200, body
+    held.join(10)
+    time.sleep(0.5)  # past the moment the drain finished
+    assert names(lb) == ["app1", "app2"]
+    assert lb.backend("web", "app1")["state"] == "up"
+
+
+def test_reload_moves_the_admin_api_to_a_new_bind(procs):
+    lb, _ = start(procs, 1)
+    old_port = lb.admin_port
+    new_port = free_port()
+
+    def move(cfg: dict) -> None:
+        cfg["admin"]["bind"] = f"127.0.0.1:{new_port}"
+
+    rewrite(lb, move)
+    code, body = lb.admin("/reload", "POST")
+    assert code == 200, body
+    lb.admin_port = new_port
+    assert lb.status()["pools"]["web"]["backends"][0]["state"] in ("up", "down")
+
+    def old_closed() -> bool:
+        try:
+            http_raw(old_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2)
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_until(old_closed, 5, "the old admin address closed")
