@@ -1,10 +1,11 @@
-"""HttpListener: one bound HTTP listener, its routes and the settings its connections share."""
+"""Listeners: the bound socket every kind shares, and HttpListener with its routes and settings."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import ssl
+from abc import ABC, abstractmethod
 
 from balancer.config import ListenerConfig, TimeoutsConfig
 from balancer.proxy.client import ClientProtocol
@@ -14,7 +15,39 @@ from balancer.proxy.routing import Router
 from balancer.proxy.upstream import Upstreams, Watchdog
 
 
-class HttpListener:
+class Listener(ABC):
+    """What every listener kind shares: its listening socket and its live connections."""
+
+    config: ListenerConfig
+    ssl_context: ssl.SSLContext | None = None
+
+    def __init__(self) -> None:
+        self.connections: set = set()
+        self.server: asyncio.AbstractServer | None = None
+
+    @abstractmethod
+    def protocol(self) -> asyncio.Protocol:
+        """A protocol object for one new client connection."""
+
+    async def start(self, *, reuse_port: bool = False) -> None:
+        bind = self.config.bind
+        self.server = await asyncio.get_running_loop().create_server(
+            self.protocol,
+            bind.host,
+            bind.port,
+            ssl=self.ssl_context,
+            reuse_address=True,
+            reuse_port=reuse_port,
+            backlog=2048,
+            family=socket.AF_INET6 if ":" in bind.host else socket.AF_INET,
+        )
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class HttpListener(Listener):
     """Shared, swappable state for the connections of one listener.
 
     A reload replaces `router`, `timeouts` and friends by assignment: a connection reads them
@@ -35,14 +68,13 @@ class HttpListener:
         loop: asyncio.AbstractEventLoop,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        super().__init__()
         self.loop = loop
         self.loop_time = loop.time
         self.upstreams = upstreams
         self.watchdog = watchdog
         self.limits = limits
         self.observer = observer
-        self.connections: set[ClientProtocol] = set()
-        self.server: asyncio.AbstractServer | None = None
         self.draining = False
         self.refused = 0  # connections refused over a cap
         self.rejected = 0  # requests answered with a local 4xx/5xx for bad input
@@ -60,22 +92,8 @@ class HttpListener:
         self.redirect = config.redirect_https.encode() if config.redirect_https else None
         self.max_head = self.limits.config.max_header_bytes or (1 << 20)
 
-    async def start(self, *, reuse_port: bool = False) -> None:
-        bind = self.config.bind
-        self.server = await self.loop.create_server(
-            lambda: ClientProtocol(self),
-            bind.host,
-            bind.port,
-            ssl=self.ssl_context,
-            reuse_address=True,
-            reuse_port=reuse_port,
-            backlog=2048,
-            family=socket.AF_INET6 if ":" in bind.host else socket.AF_INET,
-        )
-
-    def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
+    def protocol(self) -> ClientProtocol:
+        return ClientProtocol(self)
 
     def shutdown_connections(self) -> None:
         """Graceful stop: idle connections close now, busy ones after their response."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from typing import TYPE_CHECKING
 
 from balancer.config import ListenerConfig
+from balancer.proxy.listener import Listener
 
 if TYPE_CHECKING:
     from balancer.backend import Backend
@@ -212,12 +212,10 @@ class TcpClient(asyncio.Protocol):
             self.listener.pool.release(b)
 
 
-class TcpListener:
+class TcpListener(Listener):
     def __init__(self, config: ListenerConfig, *, pool: Pool, daemon: Daemon) -> None:
+        super().__init__()
         self.daemon = daemon
-        self.connections: set[TcpClient] = set()
-        self.server: asyncio.AbstractServer | None = None
-        self.refused = 0
         self.apply(config, pool=pool)
 
     def apply(self, config: ListenerConfig, *, pool: Pool) -> None:
@@ -225,30 +223,12 @@ class TcpListener:
         self.name = config.name
         self.pool = pool
 
-    async def start(self, *, reuse_port: bool = False) -> None:
-        bind = self.config.bind
-        self.server = await asyncio.get_running_loop().create_server(
-            lambda: TcpClient(self),
-            bind.host,
-            bind.port,
-            reuse_address=True,
-            reuse_port=reuse_port,
-            backlog=2048,
-            family=socket.AF_INET6 if ":" in bind.host else socket.AF_INET,
-        )
-
-    def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
+    def protocol(self) -> TcpClient:
+        return TcpClient(self)
 
     def shutdown_connections(self) -> None:
         """TCP sessions can't be ended politely from the middle: they get the drain time to
         finish on their own, then abort_connections()."""
-
-    def abort_connections(self) -> None:
-        for c in list(self.connections):
-            if c.transport is not None:
-                c.transport.abort()
 
     def status(self) -> dict:
         return {

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 
 from balancer.backend import Backend
-from balancer.strategies.base import RequestContext, Strategy, StrategyOptions
+from balancer.strategies.base import RequestContext
+from balancer.strategies.weighted_round_robin import SmoothWeights
 
 
-class LeastConnections(Strategy):
+class LeastConnections(SmoothWeights):
     """The usable backend with the lowest `inflight / weight`.
 
     Backends tied on that ratio share by smooth weighted round robin among themselves (as
@@ -18,20 +19,6 @@ class LeastConnections(Strategy):
     """
 
     name = "least_connections"
-
-    def __init__(
-        self,
-        backends: Sequence[Backend],
-        options: StrategyOptions | None = None,
-        weights: Sequence[float] | None = None,
-    ) -> None:
-        super().__init__(backends, options, weights)
-        self._current = [0.0] * len(self.backends)
-        self._entries = tuple(
-            (i, b, w)
-            for i, (b, w) in enumerate(zip(self.backends, self.weights, strict=True))
-            if w > 0
-        )
 
     def select(self, ctx: RequestContext, exclude: Collection[Backend] = ()) -> Backend | None:
         entries = self._entries
@@ -79,8 +66,3 @@ class LeastConnections(Strategy):
                 chosen_score = score
         current[chosen] = chosen_score - total
         return self.backends[chosen]
-
-    def carry_state(self, previous: Strategy) -> None:
-        if isinstance(previous, LeastConnections):
-            old = dict(zip(previous.backends, previous._current, strict=True))
-            self._current = [old.get(b, 0.0) for b in self.backends]

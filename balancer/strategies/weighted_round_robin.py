@@ -8,20 +8,10 @@ from balancer.backend import Backend
 from balancer.strategies.base import RequestContext, Strategy, StrategyOptions
 
 
-class WeightedRoundRobin(Strategy):
-    """Smooth weighted round robin (nginx `ngx_http_upstream_get_peer`).
-
-    Each pick adds every usable backend's weight to its running `current` score, takes the
-    highest, and subtracts the total of the weights added from the winner. Weights 5:1:1 give
-    a a b a c a a (never five in a row) and exact proportions over each cycle of 7.
-
-    An excluded or full backend is left out of that pick entirely (its score neither grows
-    nor shrinks), so the others keep their relative shares and the skipped one does not come
-    back owed a burst of catch-up picks. A backend with weight <= 0 gets no new requests
-    (HAProxy's meaning of weight 0). Weights may be fractional (slow start).
-    """
-
-    name = "weighted_round_robin"
+class SmoothWeights(Strategy):
+    """Per-backend running scores of smooth weighted round robin, shared by the strategies
+    that rotate by weight (here, and least_connections among tied backends). Entries with
+    weight <= 0 are left out: they get no new requests."""
 
     def __init__(
         self,
@@ -37,6 +27,28 @@ class WeightedRoundRobin(Strategy):
             for i, (b, w) in enumerate(zip(self.backends, self.weights, strict=True))
             if w > 0
         )
+
+    def carry_state(self, previous: Strategy) -> None:
+        # scores follow their backend, so a rebuild continues the same interleaving
+        if isinstance(previous, SmoothWeights):
+            old = dict(zip(previous.backends, previous._current, strict=True))
+            self._current = [old.get(b, 0.0) for b in self.backends]
+
+
+class WeightedRoundRobin(SmoothWeights):
+    """Smooth weighted round robin (nginx `ngx_http_upstream_get_peer`).
+
+    Each pick adds every usable backend's weight to its running `current` score, takes the
+    highest, and subtracts the total of the weights added from the winner. Weights 5:1:1 give
+    a a b a c a a (never five in a row) and exact proportions over each cycle of 7.
+
+    An excluded or full backend is left out of that pick entirely (its score neither grows
+    nor shrinks), so the others keep their relative shares and the skipped one does not come
+    back owed a burst of catch-up picks. A backend with weight <= 0 gets no new requests
+    (HAProxy's meaning of weight 0). Weights may be fractional (slow start).
+    """
+
+    name = "weighted_round_robin"
 
     def select(self, ctx: RequestContext, exclude: Collection[Backend] = ()) -> Backend | None:
         current = self._current
@@ -57,9 +69,3 @@ class WeightedRoundRobin(Strategy):
             return None
         current[best] = best_score - total
         return self.backends[best]
-
-    def carry_state(self, previous: Strategy) -> None:
-        # scores follow their backend, so a rebuild continues the same interleaving
-        if isinstance(previous, WeightedRoundRobin):
-            old = dict(zip(previous.backends, previous._current, strict=True))
-            self._current = [old.get(b, 0.0) for b in self.backends]

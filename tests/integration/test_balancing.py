@@ -34,6 +34,26 @@ def hold_busy(url: str, n: int, seconds: float) -> list[threading.Thread]:
     return threads
 
 
+def concurrent_clients(url: str, *, clients: int, each: int) -> Counter[str]:
+    """`clients` keep-alive clients sending `each` requests at once; who answered how often."""
+    got: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def client() -> None:
+        with requests.Session() as s:
+            for _ in range(each):
+                name = who(s.get(f"{url}/echo", timeout=10))
+                with lock:
+                    got[name] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return got
+
+
 # -- strategies -------------------------------------------------------------------------------
 
 
@@ -73,21 +93,7 @@ def test_least_connections_sends_fast_requests_away_from_slow_backend(procs):
     lb = procs.balancer(
         config([("slow", slow), ("fast", fast)], pool={"strategy": "least_connections"})
     )
-    got: Counter[str] = Counter()
-    lock = threading.Lock()
-
-    def client() -> None:
-        with requests.Session() as s:
-            for _ in range(15):
-                name = who(s.get(f"{lb.url}/echo", timeout=10))
-                with lock:
-                    got[name] += 1
-
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    got = concurrent_clients(lb.url, clients=4, each=15)
     assert sum(got.values()) == 60
     assert got["fast"] > 2 * got["slow"], got
 
@@ -135,21 +141,7 @@ def test_random_two_prefers_the_less_loaded(procs):
             [("slow", slow), ("fast1", fast1), ("fast2", fast2)], pool={"strategy": "random_two"}
         )
     )
-    got: Counter[str] = Counter()
-    lock = threading.Lock()
-
-    def client() -> None:
-        with requests.Session() as s:
-            for _ in range(12):
-                name = who(s.get(f"{lb.url}/echo", timeout=10))
-                with lock:
-                    got[name] += 1
-
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    got = concurrent_clients(lb.url, clients=4, each=12)
     assert sum(got.values()) == 48
     assert got["slow"] < 48 / 3, got
 

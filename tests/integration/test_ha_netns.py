@@ -160,7 +160,7 @@ def test_topology_isolated_and_cleaned_up() -> None:
         t.add_host("a", "198.18.0.21")
         t.add_host("b", "198.18.0.22")
         with pytest.raises(ValueError, match="198.18.0.0/24"):
-            t.add_host("c", "10.0.0.1")
+            t.add_host("c", "192.0.2.1")  # TEST-NET-1: outside the range, never used
         ping = t.exec("a", [sys.executable, "-c", _CONNECT, "198.18.0.22", "9"], check=False)
         assert ping.stdout.strip() == "ConnectionRefusedError", ping.stderr  # b's kernel answered
         assert t.holders("198.18.0.22/24") == ["b"]

@@ -27,8 +27,8 @@ KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 NOW = 1_700_000_000.0
 TTL = 3600.0
-ADDR = "10.1.2.3:8080"
-ADDR2 = "10.1.2.4:8080"
+ADDR = "198.18.2.3:8080"
+ADDR2 = "198.18.2.4:8080"
 
 
 @pytest.fixture
@@ -55,10 +55,10 @@ def test_value_is_opaque(codec):
     for value in values:
         assert value.isascii() and "=" not in value and ";" not in value and " " not in value
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-        for secret in ("10.1.2.3", "10.1.2.4", "8080", "app1", "web"):
+        for secret in ("198.18.2.3", "198.18.2.4", "8080", "app1", "web"):
             assert secret not in value
             assert secret.encode() not in raw
-        for packed in (bytes([10, 1, 2, 3]), bytes([10, 1, 2, 4]), (8080).to_bytes(2, "big")):
+        for packed in (bytes([198, 18, 2, 3]), bytes([198, 18, 2, 4]), (8080).to_bytes(2, "big")):
             assert packed not in raw
     # the two backends' cookies share the same layout and expiry, nothing else readable
     a, b = (base64.urlsafe_b64decode(v + "=" * (-len(v) % 4)) for v in values)
@@ -179,7 +179,7 @@ def test_set_cookie_header(codec):
 @pytest.mark.parametrize("key_size", [16, 32, 64, 65, 200])
 def test_the_cached_hmac_is_hmac_sha256(key_size):
     key = os.urandom(key_size)
-    for message in (b"", b"backend:web\x0010.1.2.3:8080", os.urandom(100)):
+    for message in (b"", b"backend:web\x00198.18.2.3:8080", os.urandom(100)):
         expected = hmac.new(key, message, hashlib.sha256).digest()
         assert _HmacSha256(key).sign(message) == expected
         assert _HmacSha256(key).sign(message, 8) == expected[:8]
