@@ -398,3 +398,24 @@ def test_redirect_listener_sends_301_to_https_keeping_path_and_query(procs, ca):
     status, _, body, _ = https_get(https_port, "shop.test", client_context(ca), "/echo?id=7")
     assert status == 200 and json.loads(body)["path"] == "/echo?id=7"
     assert lb.proc.poll() is None
+
+
+# asyncio/uvloop give a TLS handshake 60 s by default, and the connection is only counted
+# against limits.max_connections once the handshake is done: a stalled handshake is a
+# slowloris the header timeout does not reach. Fix (listener.py, lead's file): in
+# HttpListener.start pass `ssl_handshake_timeout=self.timeouts.client_header` to
+# create_server when ssl_context is set. Verified to pass with that change.
+@pytest.mark.xfail(strict=True, reason="TLS handshake not bounded by timeouts.client_header")
+def test_stalled_handshake_is_closed_at_the_header_timeout(procs, ca):
+    backend = procs.demo_backend("app")
+    cfg = tls_config(backend, [write_cert(ca.issue_cert("a.test", key_type=RSA), procs.tmp, "a")])
+    cfg["timeouts"] = {"client_header": "1s"}
+    lb = procs.balancer(cfg)
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=6) as s:
+        t0 = time.monotonic()
+        s.sendall(b"\x16\x03\x01")  # the start of a ClientHello record, never finished
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - t0 < 3
