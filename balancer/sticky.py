@@ -59,6 +59,7 @@ _FROM_URLSAFE = bytes.maketrans(b"-_+/", b"+/-_")  # "+" and "/" become invalid,
 CLOCK_SKEW = 300.0
 
 MIN_KEY_BYTES = 16
+VERIFIED_CACHE = 10000  # verified cookie values remembered per pool
 NEW_KEY_BYTES = 32
 
 
@@ -79,6 +80,9 @@ class StickyCodec:
         self._macs = tuple(_HmacSha256(bytes(k)) for k in keys)
         # an older key's tag -> the current key's tag for the same backend (see decode)
         self._current_tag: dict[bytes, bytes] = {}
+        # values already verified -> (tag, expiry): a returning client's cookie is checked by
+        # HMAC once, then by a dict lookup (its expiry is still enforced on every request)
+        self._verified: dict[bytes, tuple[bytes, int]] = {}
 
     def tag(self, backend_address: str) -> bytes:
         """The stable tag of a backend in this pool under the current key."""
@@ -109,6 +113,20 @@ class StickyCodec:
             text = value
         else:
             return None
+        known = self._verified.get(text)
+        if known is None:
+            known = self._verify(text, now)
+            if known is None:
+                return None
+            if len(self._verified) >= VERIFIED_CACHE:
+                self._verified.clear()  # bounded: forget all rather than track recency
+            self._verified[text] = known
+        tag, expiry = known
+        # expiry is checked on every use, cached or not
+        return tag if now < expiry <= now + self.ttl + CLOCK_SKEW else None
+
+    def _verify(self, text: bytes, now: float) -> tuple[bytes, int] | None:
+        """(current tag, expiry) of a well-signed value, whatever its expiry; else None."""
         try:
             # binascii directly: base64.urlsafe_b64decode is this behind two Python layers
             raw = binascii.a2b_base64(text.translate(_FROM_URLSAFE) + _PADDING)
@@ -132,13 +150,14 @@ class StickyCodec:
         else:
             return None
         expiry = int.from_bytes(raw[1:5], "big")
-        if expiry <= now or expiry > now + self.ttl + CLOCK_SKEW:
-            return None
         tag = raw[5:_HEAD_BYTES]
-        if index == 0:
-            return tag
-        # signed with an older key: the tag is that key's; the pool knows current tags
-        return self._current_tag.get(tag)
+        if index != 0:
+            # signed with an older key: the tag is that key's; the pool knows current tags
+            current = self._current_tag.get(tag)
+            if current is None:
+                return None
+            tag = current
+        return tag, expiry
 
     def set_cookie_header(self, cookie_name: str, value: str, secure: bool) -> bytes:
         """The value of a Set-Cookie header carrying `value` for one ttl."""
