@@ -171,6 +171,7 @@ http {{ access_log off; keepalive_timeout 120s; client_body_temp_path {self.work
         strategy: str = "round_robin",
         sticky: bool = False,
         metrics: bool = True,
+        access_log: str = "off",
         health: bool = False,
     ) -> Target:
         port, admin = free_port(), free_port()
@@ -199,7 +200,7 @@ pools:
 admin:
   bind: "127.0.0.1:{admin}"
   metrics: {"true" if metrics else "false"}
-access_log: {{format: "off"}}
+access_log: {{format: "{access_log}", path: "{self.work}/{name}.access"}}
 limits: {{max_connections: 100000}}
 """
         )
@@ -429,6 +430,7 @@ SCENARIOS = {
     "sticky": dict(path="/small", conns=50, sticky=True),
     "least_load": dict(path="/small", conns=50),
     "metrics_off": dict(path="/small", conns=50),
+    "access_log": dict(path="/small", conns=50),
 }
 
 
@@ -475,11 +477,14 @@ def main() -> int:
             lab.start_balancer("balancer_least_load", strategy="least_load")
         if "metrics_off" in names:
             lab.start_balancer("balancer_metrics_off", metrics=False)
+        if "access_log" in names:
+            lab.start_balancer("balancer_access_log", access_log="plain")
         time.sleep(1.0)
         plan = {
             "sticky": ["balancer_sticky", "haproxy_sticky", "balancer", "haproxy"],
             "least_load": ["balancer_least_load", "balancer", "haproxy"],
             "metrics_off": ["balancer_metrics_off", "balancer"],
+            "access_log": ["balancer_access_log", "balancer"],
         }
         for rep in range(args.reps):
             for scen in names:

@@ -20,10 +20,12 @@ class Listener(ABC):
 
     config: ListenerConfig
     ssl_context: ssl.SSLContext | None = None
+    handshake_timeout: float | None = None  # a TLS client must finish its handshake in this
 
     def __init__(self) -> None:
         self.connections: set = set()
         self.server: asyncio.AbstractServer | None = None
+        self.refused = 0  # connections refused over a cap
 
     @abstractmethod
     def protocol(self) -> asyncio.Protocol:
@@ -36,6 +38,7 @@ class Listener(ABC):
             bind.host,
             bind.port,
             ssl=self.ssl_context,
+            ssl_handshake_timeout=self.handshake_timeout if self.ssl_context else None,
             reuse_address=True,
             reuse_port=reuse_port,
             backlog=2048,
@@ -76,7 +79,6 @@ class HttpListener(Listener):
         self.limits = limits
         self.observer = observer
         self.draining = False
-        self.refused = 0  # connections refused over a cap
         self.rejected = 0  # requests answered with a local 4xx/5xx for bad input
         self.ssl_context = ssl_context
         self.apply(config, router=router, timeouts=timeouts)
@@ -88,6 +90,8 @@ class HttpListener(Listener):
         self.name = config.name
         self.router = router
         self.timeouts = timeouts
+        # a stalled handshake is the TLS form of a slow request head
+        self.handshake_timeout = timeouts.client_header
         self.scheme = b"https" if config.tls else b"http"
         self.redirect = config.redirect_https.encode() if config.redirect_https else None
         self.max_head = self.limits.config.max_header_bytes or (1 << 20)

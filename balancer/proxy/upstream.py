@@ -482,7 +482,10 @@ class Upstreams:
         connect_timeout: float,
         backend_timeout: float,
         idle_timeout: float,
-        max_idle: int = 256,
+        # idle connections kept per backend: enough for the peak concurrency a busy pool
+        # sees (a lower cap closes and reopens connections under load); unused ones are
+        # still closed after timeouts.upstream_idle
+        max_idle: int = 1024,
     ) -> None:
         self.loop = loop
         self.watchdog = watchdog
