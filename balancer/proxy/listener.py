@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from abc import ABC, abstractmethod
@@ -14,6 +15,11 @@ from balancer.proxy.observe import Observer
 from balancer.proxy.routing import Router
 from balancer.proxy.upstream import Upstreams, Watchdog
 
+log = logging.getLogger("balancer.proxy")
+
+LISTEN_BACKLOG = 4096
+ACCEPT_BATCH = 64  # connections accepted per readiness event (HAProxy's tune.maxaccept)
+
 
 class Listener(ABC):
     """What every listener kind shares: its listening socket and its live connections."""
@@ -24,8 +30,9 @@ class Listener(ABC):
 
     def __init__(self) -> None:
         self.connections: set = set()
-        self.server: asyncio.AbstractServer | None = None
+        self.sock: socket.socket | None = None
         self.refused = 0  # connections refused over a cap
+        self.accept_errors = 0
 
     @abstractmethod
     def protocol(self) -> asyncio.Protocol:
@@ -33,21 +40,72 @@ class Listener(ABC):
 
     async def start(self, *, reuse_port: bool = False) -> None:
         bind = self.config.bind
-        self.server = await asyncio.get_running_loop().create_server(
-            self.protocol,
-            bind.host,
-            bind.port,
-            ssl=self.ssl_context,
-            ssl_handshake_timeout=self.handshake_timeout if self.ssl_context else None,
-            reuse_address=True,
-            reuse_port=reuse_port,
-            backlog=2048,
-            family=socket.AF_INET6 if ":" in bind.host else socket.AF_INET,
-        )
+        family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((bind.host, bind.port))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._accept_ready)
+
+    def _accept_ready(self) -> None:
+        # Accept in batches, as HAProxy does (tune.maxaccept): the event loop's own accept
+        # takes one connection per loop iteration, and under load an iteration serves
+        # hundreds of ready sockets, so a burst of new clients waited seconds in the
+        # kernel's accept queue before the balancer even read their requests.
+        sock = self.sock
+        if sock is None:
+            return
+        loop = self.loop
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: keep serving, try again later
+                self.accept_errors += 1
+                if self.accept_errors in (1, 10, 100) or self.accept_errors % 1000 == 0:
+                    log.error("listener %s: accept failed: %s", self.config.name, e)
+                return
+            conn.setblocking(False)
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            loop.create_task(self._adopt(conn))
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(
+                self.protocol,
+                conn,
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=self.handshake_timeout if self.ssl_context else None,
+            )
+        except (TimeoutError, OSError, ssl.SSLError):
+            conn.close()  # a failed handshake or a client gone already: nothing to serve
+
+    @property
+    def listening(self) -> bool:
+        return self.sock is not None
 
     def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        sock = self.sock
+        if sock is not None:
+            self.sock = None
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+
+    def abort_connections(self) -> None:
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
 
 
 class HttpListener(Listener):
@@ -104,11 +162,6 @@ class HttpListener(Listener):
         self.draining = True
         for conn in list(self.connections):
             conn.shutdown()
-
-    def abort_connections(self) -> None:
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
 
     def status(self) -> dict:
         return {
