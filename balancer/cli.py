@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -68,6 +69,15 @@ def demo_config_text() -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     cfg = config_mod.parse(demo_config_text(), source="<demo>")
+    if args.sticky:
+        # pin each browser to one app server: its visit counter then climbs steadily
+        cfg = dataclasses.replace(
+            cfg,
+            pools={
+                name: dataclasses.replace(pool, sticky=config_mod.StickyConfig())
+                for name, pool in cfg.pools.items()
+            },
+        )
     procs: list[subprocess.Popen] = []
     try:
         for pool in cfg.pools.values():
@@ -163,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p = sub.add_parser("demo", help="three demo app servers behind a balancer on :8080")
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--sticky", action="store_true", help="insert a sticky cookie (one server per browser)"
+    )
     sub.add_parser("demo-backend", help="one demo app server", add_help=False)
     return parser
 

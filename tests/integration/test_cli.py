@@ -115,3 +115,35 @@ def test_demo_serves_three_backends_and_stops_on_ctrl_c():
         if p.poll() is None:
             p.kill()
             p.wait(5)
+
+
+def test_demo_sticky_keeps_a_browser_on_one_server():
+    for port in (8080, 9000, 9101, 9102, 9103):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(
+                    f"port {port} is busy: the demo's fixed ports must be free for this test"
+                )
+    p = subprocess.Popen(
+        [sys.executable, "-m", "balancer", "demo", "--sticky"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(8080, p)
+        with requests.Session() as s:  # a browser: keeps the cookies it is given
+            first = s.get("http://127.0.0.1:8080/", timeout=5)
+            assert "LBSTICKY" in first.headers.get("Set-Cookie", "")
+            names = {
+                s.get("http://127.0.0.1:8080/", timeout=5).headers["X-Backend-Name"]
+                for _ in range(9)
+            }
+        assert names == {first.headers["X-Backend-Name"]}
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
