@@ -68,6 +68,7 @@ class Pool:
         # sticky: a codec from balancer.sticky (or None) and the tag -> backend map it uses
         self.sticky = sticky_codec
         self.sticky_cookie_name = (config.sticky.cookie if config.sticky else "").encode()
+        self.sticky_cookie_prefix = self.sticky_cookie_name + b"="
         self._by_tag: dict[bytes, Backend] = {}
         # sticky outcomes, counted by the proxy for metrics
         self.sticky_hits = 0

@@ -673,14 +673,19 @@ class Exchange:
         parts = [method, b" ", url, b" HTTP/1.1\r\n"]
         for name, value, lname in out:
             if lname == b"cookie" and codec is not None:
-                cookie_name = pool.sticky_cookie_name
-                found = sticky_cookie.find_cookie(value, cookie_name)
-                if found is not None:
-                    if self.sticky_tag is None:
-                        self.sticky_tag = codec.decode(found.decode("latin-1"), time.time())  # type: ignore[attr-defined]
-                    value = sticky_cookie.strip_cookie(value, cookie_name)
-                    if value is None:
-                        continue
+                prefix = pool.sticky_cookie_prefix
+                if value.startswith(prefix) and b";" not in value:
+                    # the usual case: the header carries only the balancer's cookie
+                    found: bytes | None = value[len(prefix) :].strip()
+                    value = None
+                else:
+                    found = sticky_cookie.find_cookie(value, pool.sticky_cookie_name)
+                    if found is not None:
+                        value = sticky_cookie.strip_cookie(value, pool.sticky_cookie_name)
+                if found is not None and self.sticky_tag is None:
+                    self.sticky_tag = codec.decode(found, time.time())  # type: ignore[attr-defined]
+                if value is None:
+                    continue
             parts += (name, b": ", value, CRLF)
         xff.append(client.client_ip_b)
         parts += (b"X-Forwarded-For: ", b", ".join(xff), CRLF)
