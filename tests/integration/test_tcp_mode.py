@@ -20,9 +20,8 @@ import threading
 import time
 from collections import Counter
 
-import pytest
-
 from tests.integration.harness import Processes, free_port, wait_port
+from tests.support import missing_tool
 
 # -- the echo backend (run as a module) ------------------------------------------------------
 
@@ -230,9 +229,9 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    if os.environ.get("CI") == "true":
-        pytest.fail("redis-server is missing under CI=true (./dev test installs it)")
-    pytest.skip("redis-server not installed (apt-get install -y redis-server)")
+    missing_tool(
+        "redis-server not installed (./dev test installs it: apt-get install redis-server)"
+    )
 
 
 def start_redis(procs: Processes, name: str) -> int:
