@@ -278,3 +278,23 @@ def complete_responses(data: bytes) -> int:
             return n
         n += 1
         data = data[end + 4 + length :]
+
+
+def read_response(s: socket.socket) -> tuple[int, bytes, bytes]:
+    """One Content-Length-framed response from a socket: (status, head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed mid-head: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed mid-body"
+        body += chunk
+    return int(head.split(b" ", 2)[1]), head, body[:length]

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.harness import Balancer, Processes, config
+from tests.integration.harness import Balancer, Processes, config, read_response
 
 # -- clients ---------------------------------------------------------------------------------
 
@@ -26,26 +26,6 @@ def connect(port: int, source: str = "127.0.0.1", timeout: float = 5.0) -> socke
     return socket.create_connection(
         ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
     )
-
-
-def read_response(s: socket.socket) -> tuple[int, bytes, bytes]:
-    """One Content-Length-framed response: (status, head, body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        assert chunk, f"closed mid-head: {data!r}"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = s.recv(65536)
-        assert chunk, "closed mid-body"
-        body += chunk
-    return int(head.split(b" ", 2)[1]), head, body[:length]
 
 
 def get(s: socket.socket, path: str = "/", extra: bytes = b"") -> int:

@@ -23,7 +23,7 @@ import pytest
 import trustme
 from cryptography import x509
 
-from tests.integration.harness import Balancer, Processes, config, free_port
+from tests.integration.harness import Balancer, Processes, config, free_port, read_response
 
 RSA = trustme.KeyType.RSA
 
@@ -87,26 +87,6 @@ def peer_cert(s: ssl.SSLSocket) -> x509.Certificate:
 def dns_names(cert: x509.Certificate) -> list[str]:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return san.get_values_for_type(x509.DNSName)
-
-
-def read_response(s: socket.socket) -> tuple[int, bytes, bytes]:
-    """One Content-Length-framed response: (status, head, body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        assert chunk, f"connection closed mid-head: {data!r}"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = s.recv(65536)
-        assert chunk, "connection closed mid-body"
-        body += chunk
-    return int(head.split(b" ", 2)[1]), head, body[:length]
 
 
 def https_get(
