@@ -1,4 +1,5 @@
-"""Command line: `balancer run|check|demo|demo-backend` -> config -> daemon."""
+"""Command line: `balancer run|check|demo|demo-backend` -> config -> daemon (and the internal
+`balancer worker` that `run` starts for `workers: N`)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     pools = ", ".join(
         f"{n} ({len(p.backends)} backends, {p.strategy})" for n, p in cfg.pools.items()
     )
-    print(f"{args.config}: OK: {len(cfg.listeners)} listener(s); pools: {pools}")
+    procs = f", {cfg.workers} processes" if cfg.workers > 1 else ""
+    print(f"{args.config}: OK: {len(cfg.listeners)} listener(s){procs}; pools: {pools}")
     return 0
 
 
@@ -59,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from balancer.daemon import run_daemon
 
-    return _run_loop(run_daemon(cfg))
+    return _run_loop(run_daemon(cfg, log_level=args.log_level))
 
 
 def demo_config_text() -> str:
@@ -184,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo-backend"]:
         return cmd_demo_backend(argparse.Namespace(), argv[1:])
+    if argv[:1] == ["worker"]:
+        # internal: a worker process of `workers: N`, started by `balancer run` (not listed
+        # in --help; it needs the owner's end of a socketpair)
+        from balancer.cluster.worker import main as worker_main
+
+        return worker_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "check":
         return cmd_check(args)

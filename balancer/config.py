@@ -181,8 +181,12 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     ha: HaConfig | None = None
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
-    workers: int = 1
+    workers: int = 1  # processes serving the listeners (the owner plus workers - 1)
     source: str | None = None  # path of the file this came from, for messages and reload
+    # the exact bytes `source` held when this was parsed: an owner hands these to its worker
+    # processes, so every process runs the config the owner validated even if the file
+    # changes meanwhile
+    text: bytes | None = field(default=None, repr=False, compare=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,6 +532,23 @@ def _peer_address(value: object) -> Address:
         # heartbeats are accepted by source address, which a host name never equals
         raise ValueError(f"a peer must be an IP address, not a host name: {value!r}") from None
     return address
+
+
+MAX_WORKERS = 256  # far beyond any core count a balancer runs on; catches a typo'd 10000
+
+
+def _workers(value: object) -> int:
+    """`workers: N` (1..MAX_WORKERS) or `workers: auto` (one process per CPU)."""
+    if value == "auto":
+        return max(1, os.cpu_count() or 1)
+    if isinstance(value, bool) or not isinstance(value, int):
+        shown = f" {value!r}" if isinstance(value, str) else ""
+        raise ValueError(f"expected an integer >= 1 or 'auto', got {_kind(value)}{shown}")
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    if value > MAX_WORKERS:
+        raise ValueError(f"must be at most {MAX_WORKERS}, got {value} (or use 'auto')")
+    return value
 
 
 def _weight(value: object) -> int:
@@ -923,16 +944,18 @@ class _Parser:
         ha = self.ha(top.value_node("ha")) if top.has("ha") else None
         log_section = _Section(self, top.value_node("access_log"), "access_log", _ACCESS_LOG_KEYS)
         access_log = log_section.fields(format=_log_format, path=self.path_in_existing_dir)
-        workers = top.get("workers", _int(1))
-        if isinstance(workers, int) and workers > 1:
-            # a key that parses but does nothing would be worse than a clear refusal
-            self.problem(
-                "workers",
-                f"workers: {workers}: this version runs one process per balancer; multi-process"
-                " mode (SO_REUSEPORT workers sharing health and admin state) is not implemented"
-                " yet: use workers: 1",
-                top.value_node("workers"),
-            )
+        workers = top.get("workers", _workers)
+        if isinstance(workers, int) and workers > 1 and listeners is not None:
+            for i, lc in enumerate(listeners):
+                if lc.bind.port == 0:
+                    # each process would bind its own random port, and clients would reach
+                    # only one of them
+                    self.problem(
+                        f"listeners[{i}].bind",
+                        f"port 0 (any free port) cannot be shared by {workers} worker"
+                        " processes: give a fixed port, or use workers: 1",
+                        _mapping_get(_sequence_item(top.value_node("listeners"), i), "bind"),
+                    )
         if not self.clean_since(mark) or pools is None or listeners is None or admin is None:
             return None
         extra: dict[str, Any] = {} if workers is _ABSENT else {"workers": workers}
@@ -1525,7 +1548,15 @@ def load(path: str) -> Config:
         raise ConfigError([Problem("", f"cannot read: {e.strerror or e}", None, path)]) from None
     absolute = os.path.abspath(path)
     config = parse(data, source=path, base_dir=os.path.dirname(absolute))
-    return dataclasses.replace(config, source=absolute)
+    return dataclasses.replace(config, source=absolute, text=data)
+
+
+def parse_as(text: bytes, path: str) -> Config:
+    """The Config in `text`, read as if it were the file at `path` (an absolute path):
+    relative paths resolve against its directory. A worker process parses the bytes its
+    owner validated this way instead of reading the file again."""
+    config = parse(text, source=path, base_dir=os.path.dirname(path))
+    return dataclasses.replace(config, source=path, text=text)
 
 
 def _tcp_pools_check_tcp(
@@ -1549,6 +1580,12 @@ def _mapping_get(node: yaml.Node | None, key: str | None) -> yaml.Node | None:
         for k, v in node.value:
             if isinstance(k, yaml.ScalarNode) and k.value == key:
                 return v
+    return None
+
+
+def _sequence_item(node: yaml.Node | None, index: int) -> yaml.Node | None:
+    if isinstance(node, yaml.SequenceNode) and 0 <= index < len(node.value):
+        return node.value[index]
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -29,13 +30,33 @@ log = logging.getLogger("balancer")
 STARTUP = "startup"
 RUNTIME = "runtime"
 
+# What a Daemon is in its process group. The process `balancer run` starts is the OWNER: it
+# does everything (serves, health checks, HA, admin API, reload) and with `workers: N > 1`
+# also supervises N - 1 WORKER processes, which only serve: they take config and backend
+# state from the owner (balancer.cluster).
+OWNER = "owner"
+WORKER = "worker"
+
 
 class Daemon:
     """The running balancer. The admin API reads its attributes and changes things only
     through its methods, which are the same calls a reload makes."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        role: str = OWNER,
+        sticky_keys: dict[str, list[bytes]] | None = None,
+        log_level: str = "info",
+    ) -> None:
         self.config = config
+        self.role = role
+        self.log_level = log_level  # handed to worker processes
+        self.cluster = None  # the Supervisor of this owner's workers (workers > 1)
+        # a worker signs and verifies sticky cookies with the keys its owner sent, not with
+        # what it would read from the key files itself
+        self.preset_sticky_keys: dict[str, list[bytes]] = dict(sticky_keys or {})
         self.pools: dict[str, Pool] = {}
         self.listeners: dict[str, object] = {}
         self.checkers: dict[str, ActiveChecker] = {}
@@ -50,8 +71,9 @@ class Daemon:
         self._stopping = False
         self._tasks: list[asyncio.Task] = []
         self._admin_runner = None
-        self._sticky_keys: dict[str, list[bytes]] = {}
+        self._sticky_keys: dict[str, list[bytes]] = dict(self.preset_sticky_keys)
         self._removals: set[asyncio.Task] = set()
+        self._reload_lock = asyncio.Lock()
 
     # -- startup ---------------------------------------------------------------------------
 
@@ -68,21 +90,34 @@ class Daemon:
             backend_timeout=cfg.timeouts.backend,
             idle_timeout=cfg.timeouts.upstream_idle,
         )
-        self.limits = ClientLimits(cfg.limits)
+        self.limits = ClientLimits(process_limits(cfg))
         self.access_log = AccessLog(cfg.access_log)
         self.observer = Observer(self.access_log)
         self._install_metrics()
+        if self.role == OWNER:
+            # health flips reach the workers at once (the supervisor also polls for the rest)
+            self.events = _NotifyingEvents(self.events, self._state_changed)
         self.pools = self._build_pools(cfg, {})
         for lc in cfg.listeners:
             listener = self._make_listener(lc)
-            await listener.start()
+            await listener.start(reuse_port=cfg.workers > 1)
             self.listeners[lc.name] = listener
             log.info("listener %s (%s) on %s", lc.name, lc.mode, lc.bind)
-        self._start_checkers(STARTUP)
         self._tasks.append(loop.create_task(maintain_forever(lambda: self.pools.values())))
         self._tasks.append(loop.create_task(self._housekeeping()))
+        if self.role == WORKER:
+            return  # health, admin and HA are the owner's
+        self._start_checkers(STARTUP)
         await self._start_admin()
         await self._start_ha()
+        if cfg.workers > 1:
+            from balancer.cluster.supervisor import Supervisor
+
+            # the sticky key files exist by now (the pools above created them), and the
+            # listeners are bound: the workers join the same SO_REUSEPORT groups
+            self.cluster = Supervisor(self, cfg.workers, log_level=self.log_level)
+            self.cluster.start()
+            log.warning("starting %d worker processes", cfg.workers - 1)
 
     def _install_metrics(self) -> None:
         if not self.config.admin.metrics:
@@ -235,18 +270,25 @@ class Daemon:
 
     async def reload(self) -> list[str]:
         """Re-read the config file. Returns the problems ([] on success); on problems the
-        running config stays untouched."""
+        running config stays untouched, in this process and in every worker."""
+        async with self._reload_lock:  # SIGHUP and POST /reload may arrive together
+            return await self._reload()
+
+    async def _reload(self) -> list[str]:
         source = self.config.source
         if not source:
             return ["no config file to reload (started without one)"]
         try:
             new = config_mod.load(source)
+            _check_workers_change(self.config, new)
         except ConfigError as e:
             problems = [str(p) for p in e.problems]
             self.last_reload_error = problems
             self.reload_failures += 1
             log.error("reload rejected, old config keeps serving:\n  %s", "\n  ".join(problems))
             return problems
+        if self.cluster is not None:
+            self.cluster.held = True
         try:
             await self.apply(new)
         except (OSError, ValueError) as e:
@@ -255,9 +297,17 @@ class Daemon:
             self.reload_failures += 1
             log.error("%s; old listeners keep serving", msg)
             return [msg]
+        finally:
+            if self.cluster is not None:
+                self.cluster.held = False  # nothing awaits before cluster.reload() publishes
         self.reloads += 1
         self.last_reload_error = []
         log.warning("reloaded %s", source)
+        if self.cluster is not None:
+            # validated and applied here once; the workers get the very same bytes
+            late = await self.cluster.reload(new)
+            for problem in late:
+                log.error("reload: %s", problem)
         return []
 
     async def apply(self, new: Config) -> None:
@@ -278,7 +328,7 @@ class Daemon:
             for lc in new.listeners:
                 if lc.name not in keep_names:
                     listener = self._make_listener_for(new, lc)
-                    await listener.start()
+                    await listener.start(reuse_port=new.workers > 1)
                     fresh[lc.name] = listener
         except BaseException:
             self.pools = old_pools
@@ -286,7 +336,7 @@ class Daemon:
                 listener.stop_accepting()
             raise
         self.config = new
-        self.limits.config = new.limits
+        self.limits.config = process_limits(new)
         self.upstreams.retune(
             connect_timeout=new.timeouts.connect,
             backend_timeout=new.timeouts.backend,
@@ -317,7 +367,8 @@ class Daemon:
         self.checkers = {}
         for checker in old_checkers.values():
             await checker.stop()
-        self._start_checkers(RUNTIME, old_checkers)
+        if self.role == OWNER:
+            self._start_checkers(RUNTIME, old_checkers)
         # warm connections to servers no longer configured anywhere are closed
         live = {(b.host, b.port) for p in new_pools.values() for b in p.backends}
         for p in old_pools.values():
@@ -329,7 +380,7 @@ class Daemon:
             self.access_log = AccessLog(new.access_log)
             self.observer.access_log = self.access_log
             old_log.close()
-        if new.admin.bind != old_cfg.admin.bind:
+        if new.admin.bind != old_cfg.admin.bind and self.role == OWNER:
             await self._move_admin()
 
     def _make_listener_for(self, new: Config, lc: config_mod.ListenerConfig) -> object:
@@ -387,6 +438,7 @@ class Daemon:
         if checker is not None:
             checker.add(b, verified=False)
         log.warning("pool %s: backend %s (%s) added at runtime", pool_name, name, b.address)
+        self._state_changed()
         return b
 
     def update_backend(
@@ -403,6 +455,7 @@ class Daemon:
             name,
             {k: v for k, v in (("state", state), ("weight", weight)) if v is not None},
         )
+        self._state_changed()
         return b
 
     def remove_backend(self, pool_name: str, name: str) -> Backend:
@@ -413,6 +466,7 @@ class Daemon:
         task = self.loop.create_task(self._finish_removal(pool_name, b))
         self._removals.add(task)
         task.add_done_callback(self._removals.discard)
+        self._state_changed()
         return b
 
     async def _finish_removal(self, pool_name: str, b: Backend) -> None:
@@ -430,11 +484,41 @@ class Daemon:
         checker = self.checkers.get(pool_name)
         if checker is not None:
             checker.remove(b)
+        self.backend_removed(b)
+        log.warning("pool %s: backend %s (%s) removed", pool_name, b.name, b.address)
+        self._state_changed()
+
+    def backend_removed(self, b: Backend) -> None:
+        """`b` left its pool: close warm connections to it unless another pool uses it."""
         if not any(
             x.host == b.host and x.port == b.port for p in self.pools.values() for x in p.backends
         ):
             self.upstreams.drop(b.host, b.port)
-        log.warning("pool %s: backend %s (%s) removed", pool_name, b.name, b.address)
+
+    # -- multi-process (balancer.cluster) ----------------------------------------------------
+
+    def _state_changed(self) -> None:
+        if self.cluster is not None:
+            self.cluster.notify()
+
+    async def propagate(self) -> None:
+        """Wait until every worker process applied the backend state as it is now (no-op
+        with one process): the admin API answers a change once it holds everywhere."""
+        if self.cluster is not None:
+            await self.cluster.sync()
+
+    async def refresh_counters(self) -> None:
+        """Fresh counters from every worker, for /status and /metrics (no-op alone)."""
+        if self.cluster is not None:
+            await self.cluster.refresh()
+
+    def sticky_keys(self) -> dict[str, list[bytes]]:
+        """The sticky keys in use, by key file path ("" for a key kept in memory)."""
+        return dict(self._sticky_keys)
+
+    def load_stamps(self) -> dict[Backend, float]:
+        """Backend -> wall time of its latest health check (tells a fresh load report)."""
+        return {b: t for checker in self.checkers.values() for b, t in checker.last_check.items()}
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -455,6 +539,13 @@ class Daemon:
             for listener in self.listeners.values():
                 listener.abort_connections()  # type: ignore[attr-defined]
 
+    async def _drain_all(self) -> None:
+        """Drain this process, and every worker process at the same time."""
+        if self.cluster is None:
+            await self.drain()
+        else:
+            await asyncio.gather(self.drain(), self.cluster.stop())
+
     async def stop(self) -> None:
         if self._stopping:
             return
@@ -464,10 +555,10 @@ class Daemon:
         )
         if self.ha is not None:
             await self.ha.shutdown(
-                self.drain
+                self._drain_all
             )  # resign, wait for the successor, drain, drop the VIP
         else:
-            await self.drain()
+            await self._drain_all()
         for checker in self.checkers.values():
             await checker.stop()
         for task in self._tasks + list(self._removals):
@@ -496,7 +587,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
 
     def status(self) -> dict:
-        return {
+        st = {
             "version": __import__("balancer").__version__,
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started_at, 3),
@@ -507,6 +598,17 @@ class Daemon:
             "pools": {name: self._pool_status(name, pool) for name, pool in self.pools.items()},
             "ha": self.ha.status() if self.ha is not None else {"role": "standalone"},
         }
+        cluster = self.cluster
+        if cluster is not None:
+            from balancer.cluster import state
+
+            own = state.process_totals(state.process_report(self, with_metrics=False))
+            state.merge_status(st, cluster.counters())
+            st["workers"] = [
+                {"slot": 0, "role": "owner", "pid": os.getpid(), "alive": True, **own},
+                *cluster.status(),
+            ]
+        return st
 
     def _pool_status(self, name: str, pool: Pool) -> dict:
         st = pool.status()
@@ -517,15 +619,18 @@ class Daemon:
 
 
 async def run_daemon(
-    config: Config, *, ready: Callable[[Daemon], Awaitable[None] | None] | None = None
+    config: Config,
+    *,
+    ready: Callable[[Daemon], Awaitable[None] | None] | None = None,
+    log_level: str = "info",
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
-    daemon = Daemon(config)
+    daemon = Daemon(config, log_level=log_level)
     try:
         await daemon.start()
     except OSError as e:
         log.error("cannot start: %s", e)
-        await _cleanup_partial(daemon)
+        await cleanup_partial(daemon)
         return 1
     daemon.install_signal_handlers()
     log.warning("balancer %s running (pid %d)", __import__("balancer").__version__, os.getpid())
@@ -537,7 +642,8 @@ async def run_daemon(
     return 0
 
 
-async def _cleanup_partial(daemon: Daemon) -> None:
+async def cleanup_partial(daemon: Daemon) -> None:
+    """Undo a start() that failed half-way (a listener could not bind, ...)."""
     for listener in daemon.listeners.values():
         listener.stop_accepting()  # type: ignore[attr-defined]
     for checker in daemon.checkers.values():
@@ -546,3 +652,50 @@ async def _cleanup_partial(daemon: Daemon) -> None:
         task.cancel()
     if daemon._admin_runner is not None:
         await daemon._admin_runner.cleanup()
+
+
+def process_limits(cfg: Config) -> config_mod.LimitsConfig:
+    """The limits one process enforces: `max_connections` is split between the processes
+    (each takes ceil(max / workers)); the per-IP caps and rate apply in each process as
+    written (a client's connections land on whichever process the kernel picks)."""
+    limits = cfg.limits
+    if cfg.workers > 1 and limits.max_connections:
+        share = -(-limits.max_connections // cfg.workers)
+        return dataclasses.replace(limits, max_connections=share)
+    return limits
+
+
+def _check_workers_change(old: Config, new: Config) -> None:
+    """Going from one process to several (or back) needs a restart: listener sockets join a
+    SO_REUSEPORT group only when bound with it, so the running ones can't be shared."""
+    if (old.workers > 1) != (new.workers > 1):
+        raise ConfigError(
+            [
+                config_mod.Problem(
+                    "workers",
+                    f"changing workers from {old.workers} to {new.workers} needs a restart"
+                    " (between one process and several, listener sockets must be bound anew);"
+                    " the old config keeps serving",
+                    None,
+                    new.source,
+                )
+            ]
+        )
+
+
+class _NotifyingEvents(PoolEvents):
+    """The pools' event hooks, passed on, plus a call to `changed` on every health flip."""
+
+    def __init__(self, inner: PoolEvents, changed: Callable[[], None]) -> None:
+        self.inner = inner
+        self.changed = changed
+
+    def health_changed(self, pool: Pool, backend: Backend, healthy: bool, reason: str) -> None:
+        self.inner.health_changed(pool, backend, healthy, reason)
+        self.changed()
+
+    def ejected(self, pool: Pool, backend: Backend, duration: float) -> None:
+        self.inner.ejected(pool, backend, duration)
+
+    def panic(self, pool: Pool, active: bool) -> None:
+        self.inner.panic(pool, active)

@@ -213,6 +213,7 @@ class _Api:
         return _json({"status": "ok"})
 
     async def status(self, request: web.Request) -> web.Response:
+        await self.daemon.refresh_counters()  # workers' latest counts (no-op with one process)
         st = self.daemon.status()
         metrics = self.daemon.metrics
         st["recent_errors"] = metrics.recent_errors() if metrics is not None else []
@@ -226,6 +227,7 @@ class _Api:
                 content_type="text/plain",
                 headers={"Cache-Control": "no-store"},
             )
+        await self.daemon.refresh_counters()
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         resp = web.Response(
             body=encoder(metrics.registry),
@@ -288,6 +290,7 @@ class _Api:
             raise BadRequest(404, str(e.args[0])) from None
         except ValueError as e:
             raise BadRequest(409, str(e)) from None
+        await self.daemon.propagate()  # in effect in every worker process when we answer
         entry = self._entry(pool, b)
         entry["note"] = (
             "added; down until its first health check passes, then it takes traffic. "
@@ -308,6 +311,7 @@ class _Api:
         if self._is_removing(pool, b):
             raise BadRequest(409, f"backend {b.name!r} is being removed (DELETE in progress)")
         self.daemon.update_backend(pool.name, b.name, state=state, weight=weight)
+        await self.daemon.propagate()
         entry = self._entry(pool, b)
         entry["note"] = RUNTIME_NOTE
         return _json(entry)
@@ -318,6 +322,7 @@ class _Api:
         if not self._is_removing(pool, b):
             self.daemon.remove_backend(pool.name, b.name)
             self.removing.add((pool.name, b))
+            await self.daemon.propagate()
         entry = self._entry(pool, b)
         drain = self.daemon.config.timeouts.drain
         entry["note"] = (

@@ -161,6 +161,35 @@ class Metrics:
             )
         return out
 
+    # -- worker processes ---------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """This process's counters as JSON-able totals since it started: what a worker
+        process sends its owner, which adds them to its own at scrape time."""
+        self._fold_pools(dict(self.daemon.pools))
+        self._fold_listeners(dict(self.daemon.listeners))
+        failures: dict[str, dict[str, dict[str, int]]] = {}
+        for (pool, backend, kind), n in self.failures.items():
+            failures.setdefault(pool, {}).setdefault(backend, {})[kind] = n
+        ejections: dict[str, dict[str, int]] = {}
+        for (pool, backend), n in self.ejections.items():
+            ejections.setdefault(pool, {})[backend] = n
+        return {
+            "requests": {
+                p: {b: list(row) for b, row in rows.items()} for p, rows in self.stats.items()
+            },
+            "failures": failures,
+            "retries": dict(self.retries),
+            "ejections": ejections,
+            "pool_totals": _nest(self.pool_totals.totals),
+            "listener_totals": _nest(self.listener_totals.totals),
+        }
+
+    def _remote(self) -> dict[str, Any]:
+        """The counters of this owner's worker processes, added up ({} without workers)."""
+        cluster = getattr(self.daemon, "cluster", None)
+        return cluster.counters() if cluster is not None else {}
+
     # -- scraping -----------------------------------------------------------------------------
 
     def render(self) -> bytes:
@@ -180,11 +209,13 @@ class Metrics:
                 if b.name not in by_backend:
                     by_backend[b.name] = new_row()
         self._drop_stale_rows(pools, time.monotonic())
-        yield from self._requests()
-        yield from self._backends(pools)
-        yield from self._pools(pools)
+        remote = self._remote()
+        workers = remote.get("metrics", {})
+        yield from self._requests(workers)
+        yield from self._backends(pools, remote, workers)
+        yield from self._pools(pools, remote, workers)
         yield from self._health()
-        yield from self._listeners()
+        yield from self._listeners(remote, workers)
         yield from self._ha()
         reloads = CounterMetricFamily(
             "balancer_config_reloads",
@@ -219,7 +250,7 @@ class Metrics:
             if not rows and pool is None:
                 del self.stats[pname]
 
-    def _requests(self) -> Iterator[Metric]:
+    def _requests(self, workers: dict[str, Any]) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "balancer_requests",
             "Finished requests by pool, backend and status class. pool/backend '-': answered"
@@ -253,7 +284,10 @@ class Metrics:
             " first byte is taken), for requests a backend answered.",
             labels=["pool", "backend"],
         )
-        for pname, rows in self.stats.items():
+        stats = self.stats
+        if workers.get("requests"):
+            stats = _add_rows(stats, workers["requests"])
+        for pname, rows in stats.items():
             pool_hist = [0] * (len(DURATION_BOUNDS) + 1)
             pool_sum = 0.0
             for bname, row in rows.items():
@@ -278,16 +312,22 @@ class Metrics:
             "Failed attempts on a backend, by kind (connect, reset, timeout, protocol).",
             labels=["pool", "backend", "kind"],
         )
-        for key, n in self.failures.items():
+        all_failures = dict(self.failures)
+        for (pool, backend, kind), n in _flatten(workers.get("failures", {}), 3):
+            all_failures[(pool, backend, kind)] = all_failures.get((pool, backend, kind), 0) + n
+        for key, n in all_failures.items():
             failures.add_metric(list(key), n)
         retries = CounterMetricFamily(
             "balancer_retries", "Attempts retried on another backend.", labels=["pool"]
         )
-        for pname, n in self.retries.items():
-            retries.add_metric([pname], n)
+        remote_retries = workers.get("retries", {})
+        for pname in self.retries.keys() | remote_retries.keys():
+            retries.add_metric([pname], self.retries.get(pname, 0) + remote_retries.get(pname, 0))
         yield from (failures, retries)
 
-    def _backends(self, pools: dict[str, Pool]) -> Iterator[Metric]:
+    def _backends(
+        self, pools: dict[str, Pool], remote: dict[str, Any], workers: dict[str, Any]
+    ) -> Iterator[Metric]:
         inflight = GaugeMetricFamily(
             "balancer_backend_inflight",
             "Requests in flight to a backend.",
@@ -314,11 +354,15 @@ class Metrics:
             "The backend's configured weight.",
             labels=["pool", "backend"],
         )
+        remote_backends = remote.get("backends", {})
         for pname, pool in pools.items():
+            elsewhere = remote_backends.get(pname, {})
             for b in pool.backends:
                 labels = [pname, b.name]
                 current = b.state.value
-                inflight.add_metric(labels, b.inflight)
+                inflight.add_metric(
+                    labels, b.inflight + elsewhere.get(b.name, {}).get("inflight", 0)
+                )
                 up.add_metric(labels, 1 if current == "up" else 0)
                 for s in STATES:
                     state.add_metric([pname, b.name, s], 1 if s == current else 0)
@@ -330,7 +374,10 @@ class Metrics:
             "Backends taken out by passive detection (consecutive failures).",
             labels=["pool", "backend"],
         )
-        for key, n in self.ejections.items():
+        all_ejections = dict(self.ejections)
+        for key, n in _flatten(workers.get("ejections", {}), 2):
+            all_ejections[key] = all_ejections.get(key, 0) + n
+        for key, n in all_ejections.items():
             ejections.add_metric(list(key), n)
         flips = CounterMetricFamily(
             "balancer_health_transitions",
@@ -341,9 +388,8 @@ class Metrics:
             flips.add_metric(list(key), n)
         yield from (inflight, up, state, load, weight, ejections, flips)
 
-    def _pools(self, pools: dict[str, Pool]) -> Iterator[Metric]:
-        acc = self.pool_totals
-        acc.fold(
+    def _fold_pools(self, pools: dict[str, Pool]) -> None:
+        self.pool_totals.fold(
             [(p, (name,)) for name, p in pools.items()],
             lambda p: {
                 "queue_timeouts": p.queue_timeouts,
@@ -352,6 +398,13 @@ class Metrics:
                 "repin": p.sticky_repins,
             },
         )
+
+    def _pools(
+        self, pools: dict[str, Pool], remote: dict[str, Any], workers: dict[str, Any]
+    ) -> Iterator[Metric]:
+        self._fold_pools(pools)
+        totals = _add_totals(self.pool_totals.totals, workers.get("pool_totals", {}))
+        remote_depth = remote.get("queue_depth", {})
         depth = GaugeMetricFamily(
             "balancer_queue_depth",
             "Requests waiting for a backend connection slot (all backends at max_connections).",
@@ -363,7 +416,7 @@ class Metrics:
             labels=["pool"],
         )
         for name, p in pools.items():
-            depth.add_metric([name], p.queue_depth)
+            depth.add_metric([name], p.queue_depth + remote_depth.get(name, 0))
             panic.add_metric([name], 1 if p.panic else 0)
         timeouts = CounterMetricFamily(
             "balancer_queue_timeouts",
@@ -376,7 +429,7 @@ class Metrics:
             " (pinned backend down, draining or gone: moved).",
             labels=["pool", "result"],
         )
-        for (field, (name,)), n in acc.totals.items():
+        for (field, (name,)), n in totals.items():
             if field == "queue_timeouts":
                 timeouts.add_metric([name], n)
             else:
@@ -407,18 +460,23 @@ class Metrics:
             checks.add_metric([pool, backend, result], n)
         yield checks
 
-    def _listeners(self) -> Iterator[Metric]:
-        listeners = dict(self.daemon.listeners)
-        acc = self.listener_totals
-        acc.fold(
+    def _fold_listeners(self, listeners: dict[str, Any]) -> None:
+        self.listener_totals.fold(
             [(lst, (name,)) for name, lst in listeners.items()],
             lambda lst: {"refused": lst.refused, "rejected": getattr(lst, "rejected", 0)},
         )
+
+    def _listeners(self, remote: dict[str, Any], workers: dict[str, Any]) -> Iterator[Metric]:
+        listeners = dict(self.daemon.listeners)
+        self._fold_listeners(listeners)
+        totals = _add_totals(self.listener_totals.totals, workers.get("listener_totals", {}))
+        remote_listeners = remote.get("listeners", {})
         conns = GaugeMetricFamily(
             "balancer_client_connections", "Open client connections.", labels=["listener"]
         )
         for name, lst in listeners.items():
-            conns.add_metric([name], len(lst.connections))  # type: ignore[attr-defined]
+            elsewhere = remote_listeners.get(name, {}).get("connections", 0)
+            conns.add_metric([name], len(lst.connections) + elsewhere)  # type: ignore[attr-defined]
         refused = CounterMetricFamily(
             "balancer_connections_refused",
             "Client connections refused at accept (over a connection cap).",
@@ -429,7 +487,7 @@ class Metrics:
             "Requests answered locally for bad input (400, 408, 413, 431).",
             labels=["listener"],
         )
-        for (field, (name,)), n in acc.totals.items():
+        for (field, (name,)), n in totals.items():
             (refused if field == "refused" else rejected).add_metric([name], n)
         yield from (conns, refused, rejected)
 
@@ -474,6 +532,50 @@ def _cumulative(counts: Iterable[int]) -> list[tuple[str, float]]:
         total += n
         out.append((le, total))
     return out
+
+
+def _nest(totals: dict[tuple[str, tuple[str, ...]], int]) -> dict[str, dict[str, int]]:
+    """An _Accumulator's {(field, (name,)): n} as {name: {field: n}} (JSON has no tuples)."""
+    out: dict[str, dict[str, int]] = {}
+    for (field, labels), n in totals.items():
+        out.setdefault(labels[0], {})[field] = n
+    return out
+
+
+def _add_totals(
+    own: dict[tuple[str, tuple[str, ...]], int], remote: dict[str, dict[str, int]]
+) -> dict[tuple[str, tuple[str, ...]], int]:
+    out = dict(own)
+    for name, fields in remote.items():
+        for field, n in fields.items():
+            out[(field, (name,))] = out.get((field, (name,)), 0) + n
+    return out
+
+
+def _add_rows(
+    own: dict[str, dict[str, list]], remote: dict[str, dict[str, list]]
+) -> dict[str, dict[str, list]]:
+    """Request rows of this process plus those the workers reported, slot by slot."""
+    out = {pname: dict(rows) for pname, rows in own.items()}
+    for pname, rows in remote.items():
+        mine = out.setdefault(pname, {})
+        for bname, row in rows.items():
+            have = mine.get(bname)
+            if have is None or len(have) != len(row):
+                mine[bname] = list(row) if have is None else have
+            else:
+                mine[bname] = [a + b for a, b in zip(have, row, strict=True)]
+    return out
+
+
+def _flatten(nested: dict[str, Any], depth: int) -> Iterator[tuple[tuple[str, ...], int]]:
+    """({a: {b: n}}, 2) -> ((a, b), n) ...: report mappings back to label tuples."""
+    for key, value in nested.items():
+        if depth == 1:
+            yield (key,), value
+        else:
+            for rest, n in _flatten(value, depth - 1):
+                yield (key, *rest), n
 
 
 def _request_line(ex: Exchange) -> str:

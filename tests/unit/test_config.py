@@ -1880,13 +1880,47 @@ pools: {web: {backends: [{name: a, address: "127.0.0.1:9001"}]}}
     assert e.value.problems[0].location == "admin.metrics"
 
 
-def test_workers_above_one_is_refused_not_ignored() -> None:
+def test_workers_count_auto_and_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     base = """
 listeners: [{name: web, bind: "127.0.0.1:8080", routes: [{pool: web}]}]
 pools: {web: {backends: [{name: a, address: "127.0.0.1:9001"}]}}
 """
+    assert parse(base).workers == 1
     assert parse(base + "workers: 1\n").workers == 1
-    with pytest.raises(ConfigError) as e:
-        parse(base + "workers: 4\n")
-    assert e.value.problems[0].location == "workers"
-    assert "not implemented" in e.value.problems[0].message
+    assert parse(base + "workers: 4\n").workers == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert parse(base + "workers: auto\n").workers == 16
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert parse(base + "workers: auto\n").workers == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("0", "must be >= 1, got 0"),
+        ("-1", "must be >= 1, got -1"),
+        ("many", "expected an integer >= 1 or 'auto', got a string 'many'"),
+        ("2.5", "expected an integer >= 1 or 'auto', got a number"),
+        ("true", "expected an integer >= 1 or 'auto', got a boolean"),
+        ("[2]", "expected an integer >= 1 or 'auto', got a list"),
+        ("100000", "must be at most 256, got 100000"),
+    ],
+)
+def test_workers_bad_values_are_located(value: str, fragment: str) -> None:
+    expect(MINIMAL + f"workers: {value}   # <-\n", "workers", fragment)
+
+
+def test_workers_refuse_a_listener_on_port_zero() -> None:
+    text = """\
+workers: 2
+listeners:
+  - name: http
+    bind: "127.0.0.1:0"   # <-
+    routes: [{pool: web}]
+pools:
+  web:
+    backends:
+      - {name: app1, address: "127.0.0.1:9001"}
+"""
+    expect(text, "listeners[0].bind", "port 0 (any free port) cannot be shared by 2 worker")
+    assert parse(text.replace("workers: 2", "workers: 1")).listeners[0].bind.port == 0
