@@ -53,6 +53,30 @@ PAUSE_DONE = 8  # no more requests will be read on this connection
 # Connection options that never remove a header of that name (see Exchange.prepare).
 NOT_NOMINABLE = frozenset({b"close", b"keep-alive", b"upgrade", b"content-length", b"host"})
 
+# Request headers the proxy acts on, by lower-cased name; every other header is forwarded
+# as it came without further look.
+_H_HOP, _H_HOST, _H_LENGTH, _H_XFF, _H_OURS, _H_EXPECT, _H_COOKIE = range(7)
+_REQUEST_HEADER_KIND = {
+    **dict.fromkeys(HOP_BY_HOP, _H_HOP),
+    b"host": _H_HOST,
+    b"content-length": _H_LENGTH,
+    b"x-forwarded-for": _H_XFF,
+    b"x-forwarded-proto": _H_OURS,
+    b"x-forwarded-host": _H_OURS,
+    b"expect": _H_EXPECT,
+    b"cookie": _H_COOKIE,
+}
+_BLANK_LINE = (b"", b"", b"", b"")
+
+
+def _drop_lines(lines: list[bytes], names: set[bytes], cookie_at: list[int]) -> None:
+    """Blank the forwarded header lines whose (lower-cased) name is in `names`, in place:
+    positions stay valid, and an empty line joins to nothing."""
+    for at in range(0, len(lines), 4):
+        if lines[at].lower() in names:
+            lines[at : at + 4] = _BLANK_LINE
+
+
 # What the connection deadline means when the watchdog fires.
 DL_IDLE = 0  # between requests: close quietly
 DL_HEAD = 1  # reading a request head: 408
@@ -541,39 +565,44 @@ class Exchange:
             # llhttp also accepts HTTP/0.9 request lines and HTTP/2.0 as a version; neither
             # can be forwarded as the HTTP/1.1 request the backend would be sent
             raise RequestRejected(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        # One pass: ordinary headers go straight into the forwarded lines (four items each,
+        # so a header's lines can be blanked in place); the few the proxy acts on are
+        # classified by one dict lookup instead of a chain of comparisons.
+        lines: list[bytes] = []
         host_values: list[bytes] = []
         conn_values: list[bytes] = []
         xff: list[bytes] = []
-        cookies: list[bytes] = []
+        cookie_at: list[int] = []  # positions in `lines` of Cookie headers
         te = None
         expect = None
         upgrade_value = None
-        out: list[tuple[bytes, bytes, bytes]] = []
         for name, value in self.headers:
             lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == b"connection":
-                    conn_values.append(value)
-                elif lname == b"transfer-encoding":
-                    te = value if te is None else te + b"," + value
-                elif lname == b"upgrade":
-                    upgrade_value = value
-                continue
-            if lname == b"host":
-                host_values.append(value)
-            elif lname == b"content-length":
-                self.content_length = int(value)
-            elif lname == b"x-forwarded-for":
-                xff.append(value)
-                continue
-            elif lname == b"x-forwarded-proto" or lname == b"x-forwarded-host":
-                continue  # set by the balancer, never trusted from the client
-            elif lname == b"expect":
-                expect = value
-                continue
-            elif lname == b"cookie":
-                cookies.append(value)
-            out.append((name, value, lname))
+            kind = _REQUEST_HEADER_KIND.get(lname)
+            if kind is not None:
+                if kind == _H_HOP:
+                    if lname == b"connection":
+                        conn_values.append(value)
+                    elif lname == b"transfer-encoding":
+                        te = value if te is None else te + b"," + value
+                    elif lname == b"upgrade":
+                        upgrade_value = value
+                    continue
+                if kind == _H_HOST:
+                    host_values.append(value)
+                elif kind == _H_LENGTH:
+                    self.content_length = int(value)
+                elif kind == _H_XFF:
+                    xff.append(value)
+                    continue
+                elif kind == _H_OURS:
+                    continue  # X-Forwarded-Proto/-Host: set by the balancer, never trusted
+                elif kind == _H_EXPECT:
+                    expect = value
+                    continue
+                else:  # _H_COOKIE
+                    cookie_at.append(len(lines))
+            lines += (name, b": ", value, CRLF)
         if len(host_values) > 1:
             raise RequestRejected(400, "more than one Host header")
 
@@ -597,8 +626,9 @@ class Exchange:
                 raise RequestRejected(400, "Host header does not match the request target")
             self.url = url = b"/" if slash < 0 else rest[slash:]
             host_values = [authority]
-            out = [h for h in out if h[2] != b"host"]
-            out.insert(0, (b"Host", authority, b"host"))
+            _drop_lines(lines, {b"host"}, cookie_at)
+            lines[:0] = (b"Host", b": ", authority, CRLF)
+            cookie_at = [i + 4 for i in cookie_at]
         if host_values:
             if not valid_host(host_values[0]):
                 raise RequestRejected(400, "invalid Host header")
@@ -630,7 +660,7 @@ class Exchange:
             # "Connection: host" an HTTP/1.1 request without Host
             named = tokens - NOT_NOMINABLE
             if named:
-                out = [h for h in out if h[2] not in named]
+                _drop_lines(lines, named, cookie_at)
         if upgrade_value is not None and tokens and b"upgrade" in tokens:
             self.upgrade = True
 
@@ -670,9 +700,11 @@ class Exchange:
 
         # -- the head for the backend --
         codec = pool.sticky
-        parts = [method, b" ", url, b" HTTP/1.1\r\n"]
-        for name, value, lname in out:
-            if lname == b"cookie" and codec is not None:
+        if codec is not None:
+            for at in cookie_at:
+                value = lines[at + 2]
+                if not value:
+                    continue  # dropped above (named by Connection)
                 prefix = pool.sticky_cookie_prefix
                 if value.startswith(prefix) and b";" not in value:
                     # the usual case: the header carries only the balancer's cookie
@@ -685,19 +717,20 @@ class Exchange:
                 if found is not None and self.sticky_tag is None:
                     self.sticky_tag = codec.decode(found, time.time())  # type: ignore[attr-defined]
                 if value is None:
-                    continue
-            parts += (name, b": ", value, CRLF)
+                    lines[at : at + 4] = _BLANK_LINE
+                else:
+                    lines[at + 2] = value
         xff.append(client.client_ip_b)
-        parts += (b"X-Forwarded-For: ", b", ".join(xff), CRLF)
-        parts += (b"X-Forwarded-Proto: ", listener.scheme, CRLF)
+        lines += (b"X-Forwarded-For: ", b", ".join(xff), CRLF)
+        lines += (b"X-Forwarded-Proto: ", listener.scheme, CRLF)
         if self.host:
-            parts += (b"X-Forwarded-Host: ", self.host, CRLF)
+            lines += (b"X-Forwarded-Host: ", self.host, CRLF)
         if self.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            lines.append(b"Transfer-Encoding: chunked\r\n")
         if self.upgrade:
-            parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, CRLF)
-        parts.append(CRLF)
-        self.fwd_head = b"".join(parts)
+            lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, CRLF)
+        lines.append(CRLF)
+        self.fwd_head = b"".join((method, b" ", url, b" HTTP/1.1\r\n", *lines))
         self.prepared = True
 
     def request_body(self, data: bytes) -> None:
@@ -929,11 +962,9 @@ class Exchange:
             rechunk = False
             close = True  # a 1.0 client reads this body until the connection closes
         self.rechunk = has_body and rechunk
-        parts = [b"HTTP/1.1 %d " % status, conn.reason or b"-", CRLF]
-        for name, value in conn.client_headers():
-            parts += (name, b": ", value, CRLF)
+        head = conn.head_out
         if self.rechunk:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            head += b"Transfer-Encoding: chunked\r\n"
         pool = self.pool
         if pool is not None and pool.sticky is not None and status != 101:
             b = self.backend
@@ -941,15 +972,17 @@ class Exchange:
                 self.set_cookie = pool.sticky_cookie_header(
                     b, secure=self.listener.scheme == b"https"
                 )
-                parts += (b"Set-Cookie: ", self.set_cookie, CRLF)
+                head += b"Set-Cookie: " + self.set_cookie + CRLF
         if status != 101:
             if close:
-                parts.append(b"Connection: close\r\n")
+                head += b"Connection: close\r\n\r\n"
             elif http10:
-                parts.append(b"Connection: keep-alive\r\n")
-        parts.append(CRLF)
+                head += b"Connection: keep-alive\r\n\r\n"
+            else:
+                head += CRLF
+        else:
+            head += CRLF
         self.client_close = close
-        head = b"".join(parts)
         self.bytes_out += len(head)
         if has_body and status != 101:
             self.held = head

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import TYPE_CHECKING
 
 import httptools
 
-from balancer.proxy.http import HOP_BY_HOP
+from balancer.proxy.http import CRLF, HOP_BY_HOP
 
 if TYPE_CHECKING:
     from balancer.backend import Backend
@@ -23,6 +24,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("balancer.proxy")
 
 MAX_RESPONSE_HEAD = 65536
+
+# Hop-by-hop header lines other than Connection, in a lower-cased head: their presence sends
+# the head down the full parse (chunked framing, upgrades, and the rest are rare).
+_RARE_HOP = re.compile(
+    rb"\r\n(?:keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade):"
+)
+
+
+class _HeadCheck:
+    """A parser protocol with no callbacks: llhttp validates the head and calls nothing."""
+
+
+_HEAD_CHECK = _HeadCheck()
 
 # What the response body looks like on the wire, decided once its head is parsed.
 HEAD = 0  # reading the response head
@@ -66,6 +80,7 @@ class UpstreamConnection(asyncio.Protocol):
         "remaining",
         "received_any",
         "message_complete",
+        "head_out",
     )
 
     def __init__(self, pool: BackendConnections) -> None:
@@ -94,6 +109,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.remaining = 0
         self.received_any = False
         self.message_complete = False
+        # the status line and end-to-end header lines for the client, CRLF after each
+        self.head_out = b""
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -177,10 +194,17 @@ class UpstreamConnection(asyncio.Protocol):
                 self.head_buf = data
             return
         end += 4
-        self.parser = httptools.HttpResponseParser(self)
-        self._feed(data[:end])
-        if self.state != HEAD or self.exchange is None:
-            return
+        head = data[:end]
+        low = head.lower()
+        if _RARE_HOP.search(low) is None:
+            if not self._plain_head(head, low):
+                return
+        else:
+            self.parser = httptools.HttpResponseParser(self)
+            self._feed(head)
+            if self.state != HEAD or self.exchange is None:
+                return
+            self._build_head_out()
         if self.status == 0:
             self._protocol_error("incomplete response head")
             return
@@ -194,6 +218,57 @@ class UpstreamConnection(asyncio.Protocol):
                 self._head_data(rest)
             return
         self._start_body(rest)
+
+    def _plain_head(self, head: bytes, low: bytes) -> bool:
+        """The common response head, with no hop-by-hop header but Connection: keep-alive or
+        close: validated by llhttp without a callback per header, then forwarded as the
+        backend sent it minus its Connection line (no parse into a list and join back)."""
+        parser = httptools.HttpResponseParser(_HEAD_CHECK)
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            pass  # a 101: handled as such by _start_body
+        except httptools.HttpParserError as e:
+            self._protocol_error(f"invalid response: {e}")
+            return False
+        self.status = status = parser.get_status_code()
+        if parser.get_http_version() == "1.0" and not parser.should_keep_alive():
+            self.conn_close = True
+        at = low.find(b"\r\ncontent-length:")
+        if at >= 0:
+            # llhttp has refused a second Content-Length or a value that is not all digits
+            self.content_length = int(low[at + 17 : low.find(b"\r\n", at + 17)])
+        at = low.find(b"\r\nconnection:")
+        if at >= 0:
+            line_end = low.find(b"\r\n", at + 13)
+            value = low[at + 13 : line_end].strip()
+            if value == b"close":
+                self.conn_close = True
+            elif value != b"keep-alive" or low.find(b"\r\nconnection:", line_end) >= 0:
+                # options naming other headers, or several Connection lines: the slow path
+                # knows how to strip what they name
+                self._reset_response()
+                self.parser = httptools.HttpResponseParser(self)
+                self._feed(head)
+                if self.state != HEAD or self.exchange is None:
+                    return False
+                self._build_head_out()
+                return True
+            head = head[:at] + head[line_end:]
+        line_end = head.find(b"\r\n")
+        if head.startswith(b"HTTP/1.1 ") and line_end > 13:
+            self.head_out = head[:-2]
+        else:
+            # HTTP/1.0 or an empty reason phrase: the status line is rewritten
+            reason = head[13:line_end] if line_end > 13 else b"-"
+            self.head_out = b"HTTP/1.1 %d %b%b" % (status, reason, head[line_end:-2])
+        return True
+
+    def _build_head_out(self) -> None:
+        parts = [b"HTTP/1.1 %d " % self.status, self.reason or b"-", CRLF]
+        for name, value in self.client_headers():
+            parts += (name, b": ", value, CRLF)
+        self.head_out = b"".join(parts)
 
     def _feed(self, data: bytes) -> None:
         try:

@@ -764,6 +764,101 @@ def test_backend_connection_header_cannot_strip_response_framing(procs):
         backend.close()
 
 
+RESPONSE_HEAD_FORMS = {
+    # backend head -> (status line the client must see, lines it must see, lines it must not)
+    "plain keep-alive": (
+        b"HTTP/1.1 200 OK\r\nServer: t\r\nConnection: keep-alive\r\nContent-Length: 5\r\n"
+        b"X-A: 1\r\n\r\nhello",
+        b"HTTP/1.1 200 OK",
+        [b"server: t", b"content-length: 5", b"x-a: 1"],
+        [b"connection: keep-alive"],
+    ),
+    "odd case Connection": (
+        b"HTTP/1.1 200 OK\r\nCONNECTION:  Keep-Alive \r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK",
+        [b"content-length: 5"],
+        [b"connection:  keep-alive "],
+    ),
+    "backend closes": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        b"HTTP/1.1 200 OK",
+        [b"content-length: 5"],
+        [b"connection: close"],
+    ),
+    "HTTP/1.0 backend": (
+        b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello",
+        b"HTTP/1.1 200 OK",
+        [b"content-length: 5"],
+        [],
+    ),
+    "empty reason": (
+        b"HTTP/1.1 201 \r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 201 -",
+        [b"content-length: 5"],
+        [],
+    ),
+    "Keep-Alive and Trailer headers": (
+        b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nTrailer: x\r\nContent-Length: 5\r\n"
+        b"X-B: 2\r\n\r\nhello",
+        b"HTTP/1.1 200 OK",
+        [b"content-length: 5", b"x-b: 2"],
+        [b"keep-alive: timeout=5", b"trailer: x"],
+    ),
+    "two Connection lines": (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n"
+        b"Connection: x-hop\r\nX-Hop: 1\r\n\r\nhello",
+        b"HTTP/1.1 200 OK",
+        [b"content-length: 5"],
+        [b"x-hop: 1"],
+    ),
+}
+
+
+@pytest.mark.parametrize("form", list(RESPONSE_HEAD_FORMS))
+def test_response_heads_are_forwarded_with_hop_by_hop_lines_removed(procs, form):
+    answer, status_line, present, absent = RESPONSE_HEAD_FORMS[form]
+    backend = ScriptedBackend(answer)
+    try:
+        lb = procs.balancer(config([("b", backend.port)]))
+        with connect(lb.port) as s:
+            for _ in range(3):  # keep-alive to the client whatever the backend's connection
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, head, body = read_response(s)
+                assert body == b"hello"
+                lines = head.split(b"\r\n")
+                assert lines[0] == status_line
+                lower = [ln.lower() for ln in lines[1:]]
+                for want in present:
+                    assert want in lower, (form, head)
+                for unwanted in absent:
+                    assert unwanted not in lower, (form, head)
+                assert not any(ln.startswith(b"connection:") for ln in lower), head
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nBad Header: 1\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 5\r\n\r\nhello",
+    ],
+)
+def test_invalid_response_heads_get_502_never_forwarded(procs, answer):
+    backend = ScriptedBackend(answer)
+    try:
+        lb = procs.balancer(config([("b", backend.port)], pool={"retries": 0}))
+        with connect(lb.port) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, head, body = read_response(s)
+            assert status == 502, head
+            assert b"hello" not in body
+    finally:
+        backend.close()
+
+
 def test_half_closed_client_still_gets_its_answers(procs):
     port, record = procs.raw_backend("a")
     lb = procs.balancer(config([("a", port)]))
