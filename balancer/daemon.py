@@ -117,7 +117,7 @@ class Daemon:
             # listeners are bound: the workers join the same SO_REUSEPORT groups
             self.cluster = Supervisor(self, cfg.workers, log_level=self.log_level)
             self.cluster.start()
-            log.warning("starting %d worker processes", cfg.workers - 1)
+            log.warning("%d processes: this owner and %d worker(s)", cfg.workers, cfg.workers - 1)
 
     def _install_metrics(self) -> None:
         if not self.config.admin.metrics:
@@ -674,8 +674,7 @@ def _check_workers_change(old: Config, new: Config) -> None:
                 config_mod.Problem(
                     "workers",
                     f"changing workers from {old.workers} to {new.workers} needs a restart"
-                    " (between one process and several, listener sockets must be bound anew);"
-                    " the old config keeps serving",
+                    " (between one process and several, listener sockets must be bound anew)",
                     None,
                     new.source,
                 )

@@ -74,6 +74,7 @@ class Supervisor:
         self._retired: dict[str, Any] = {}  # counters of workers that exited
         self._report_id = 0
         self._stopping = False
+        self._stop_requested = asyncio.Event()  # cuts a respawn back-off short
         # set while the owner applies a reload: its pools are half-built then (new backends
         # not yet marked down until checked), and no snapshot of that may reach a worker
         self.held = False
@@ -114,6 +115,7 @@ class Supervisor:
     async def stop(self) -> None:
         """Drain every worker (they finish their in-flight requests) and wait for them."""
         self._stopping = True
+        self._stop_requested.set()
         for w in self.workers.values():
             if w.channel is not None:
                 w.channel.send({"type": "stop"})
@@ -144,6 +146,8 @@ class Supervisor:
             except OSError as e:
                 log.error("worker %d: cannot start: %s", w.slot, e)
             else:
+                if self._stopping:  # stop() ran while it started: it missed the message
+                    w.channel.send({"type": "stop"})  # type: ignore[union-attr]
                 await self._serve(w)
                 code = await self._reap(w)
                 if self._stopping or w.retiring:
@@ -159,10 +163,15 @@ class Supervisor:
                 _exit_reason(w.proc.returncode if w.proc is not None else None),
                 delay,
             )
-            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
+                break  # shutting down: no respawn
+            except TimeoutError:
+                pass
             w.restarts += 1
-        if w.retiring:
-            self.workers.pop(w.slot, None)
+        if w.retiring and self.workers.get(w.slot) is w:
+            # (a later reload may have filled the slot again: then that one stays)
+            del self.workers[w.slot]
             self._keepers.pop(w.slot, None)
 
     async def _spawn(self, w: WorkerProcess) -> None:
