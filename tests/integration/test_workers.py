@@ -413,3 +413,54 @@ def test_check_accepts_workers_auto(tmp_path: Path) -> None:
         timeout=30,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_a_reload_changes_the_number_of_workers(procs: Processes, workers: Workers) -> None:
+    backends = [(n, procs.demo_backend(n)) for n in ("app1", "app2")]
+    lb, _ = start(procs, workers, config(backends))
+    text = lb.config_path.read_text()
+    assert "workers: 2" in text
+    lb.config_path.write_text(text.replace("workers: 2", "workers: 3"))
+    code, body = lb.admin("/reload", "POST")
+    assert code == 200, body
+    entries = wait_for("three processes", lambda: settled(lb, 3))
+    workers.note(entries)  # type: ignore[arg-type]
+    before = per_process_requests(lb)
+    statuses, _ = burst(lb.port, 150)
+    assert statuses == Counter({200: 150})
+
+    def all_three_served() -> bool:
+        after = per_process_requests(lb)
+        return len(after) == 3 and all(after[pid] > before.get(pid, 0) for pid in after)
+
+    wait_for("all three processes to serve", all_three_served, 10)
+    # back to two: the surplus worker drains and exits
+    third = entries[2]["pid"]  # type: ignore[index]
+    lb.config_path.write_text(text)
+    code, body = lb.admin("/reload", "POST")
+    assert code == 200, body
+    wait_for("two processes", lambda: settled(lb, 2))
+    wait_for("the third worker to exit", lambda: not is_worker(third), 10)
+    statuses, _ = burst(lb.port, 40)
+    assert statuses == Counter({200: 40})
+    # between one process and several: a restart is needed, the reload is refused
+    lb.config_path.write_text(text.replace("workers: 2", "workers: 1"))
+    code, body = lb.admin("/reload", "POST")
+    assert code == 400
+    assert "changing workers from 2 to 1 needs a restart" in body["errors"][0]  # type: ignore[index]
+    assert len(settled(lb, 2) or []) == 2
+
+
+def test_tcp_listeners_are_shared_too(procs: Processes, workers: Workers) -> None:
+    port = procs.demo_backend("db1")
+    cfg = config([("db1", port)])
+    cfg["listeners"] = [
+        {"name": "db", "bind": cfg["listeners"][0]["bind"], "mode": "tcp", "pool": "web"}
+    ]
+    lb, _ = start(procs, workers, cfg)
+    before = per_process_requests(lb)
+    statuses, names = burst(lb.port, 60)  # HTTP spliced through as raw TCP
+    assert statuses == Counter({200: 60}) and names == Counter({"db1": 60})
+    wait_for(
+        "both processes to serve", lambda: served_by_both(before, per_process_requests(lb)), 10
+    )
