@@ -69,10 +69,10 @@ _REQUEST_HEADER_KIND = {
 _BLANK_LINE = (b"", b"", b"", b"")
 
 
-def _drop_lines(lines: list[bytes], names: set[bytes], cookie_at: list[int]) -> None:
-    """Blank the forwarded header lines whose (lower-cased) name is in `names`, in place:
-    positions stay valid, and an empty line joins to nothing."""
-    for at in range(0, len(lines), 4):
+def _drop_lines(lines: list[bytes], names: set[bytes]) -> None:
+    """Blank the forwarded header lines (after the request line) whose lower-cased name is in
+    `names`, in place: positions stay valid, and a blanked line joins to nothing."""
+    for at in range(4, len(lines), 4):
         if lines[at].lower() in names:
             lines[at : at + 4] = _BLANK_LINE
 
@@ -568,7 +568,7 @@ class Exchange:
         # One pass: ordinary headers go straight into the forwarded lines (four items each,
         # so a header's lines can be blanked in place); the few the proxy acts on are
         # classified by one dict lookup instead of a chain of comparisons.
-        lines: list[bytes] = []
+        lines = [method, b" ", self.url, b" HTTP/1.1\r\n"]  # the request line, then headers
         host_values: list[bytes] = []
         conn_values: list[bytes] = []
         xff: list[bytes] = []
@@ -626,8 +626,9 @@ class Exchange:
                 raise RequestRejected(400, "Host header does not match the request target")
             self.url = url = b"/" if slash < 0 else rest[slash:]
             host_values = [authority]
-            _drop_lines(lines, {b"host"}, cookie_at)
-            lines[:0] = (b"Host", b": ", authority, CRLF)
+            _drop_lines(lines, {b"host"})
+            lines[2] = url
+            lines[4:4] = (b"Host", b": ", authority, CRLF)
             cookie_at = [i + 4 for i in cookie_at]
         if host_values:
             if not valid_host(host_values[0]):
@@ -660,7 +661,7 @@ class Exchange:
             # "Connection: host" an HTTP/1.1 request without Host
             named = tokens - NOT_NOMINABLE
             if named:
-                _drop_lines(lines, named, cookie_at)
+                _drop_lines(lines, named)
         if upgrade_value is not None and tokens and b"upgrade" in tokens:
             self.upgrade = True
 
@@ -730,7 +731,7 @@ class Exchange:
         if self.upgrade:
             lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, CRLF)
         lines.append(CRLF)
-        self.fwd_head = b"".join((method, b" ", url, b" HTTP/1.1\r\n", *lines))
+        self.fwd_head = b"".join(lines)
         self.prepared = True
 
     def request_body(self, data: bytes) -> None:

@@ -232,7 +232,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._protocol_error(f"invalid response: {e}")
             return False
         self.status = status = parser.get_status_code()
-        if parser.get_http_version() == "1.0" and not parser.should_keep_alive():
+        if not parser.should_keep_alive():
+            # llhttp's verdict covers HTTP/1.0 without keep-alive and bodies ending at EOF
             self.conn_close = True
         at = low.find(b"\r\ncontent-length:")
         if at >= 0:
