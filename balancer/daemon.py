@@ -605,7 +605,15 @@ class Daemon:
             own = state.process_totals(state.process_report(self, with_metrics=False))
             state.merge_status(st, cluster.counters())
             st["workers"] = [
-                {"slot": 0, "role": "owner", "pid": os.getpid(), "alive": True, **own},
+                {
+                    "slot": 0,
+                    "role": "owner",
+                    "pid": os.getpid(),
+                    "alive": True,
+                    "ready": True,
+                    "in_sync": True,
+                    **own,
+                },
                 *cluster.status(),
             ]
         return st

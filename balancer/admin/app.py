@@ -352,6 +352,12 @@ class _Api:
     def _entry(self, pool: Pool, b: Backend) -> dict[str, Any]:
         entry = backend_status(b)
         entry["pool"] = pool.name
+        cluster = self.daemon.cluster
+        if cluster is not None:
+            # totals over every process, as in /status
+            remote = cluster.counters().get("backends", {}).get(pool.name, {}).get(b.name, {})
+            for key in ("inflight", "requests", "errors"):
+                entry[key] += remote.get(key, 0)
         checker = self.daemon.checkers.get(pool.name)
         entry["health_checks"] = checker.history(b) if checker is not None else []
         return entry

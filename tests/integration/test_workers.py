@@ -179,6 +179,8 @@ def test_both_processes_serve_and_the_counts_add_up(procs: Processes, workers: W
     assert metric_total(lb, "balancer_requests_total", code_class="2xx") == 200
     assert metric_total(lb, "balancer_request_duration_seconds_count") == 200
     assert backend_requests(lb, "app1") + backend_requests(lb, "app2") == 200
+    code, entry = lb.admin("/pools/web/backends/app1")
+    assert code == 200 and entry["requests"] == backend_requests(lb, "app1")  # type: ignore[index]
     assert sum(per_process_requests(lb).values()) == 200
 
 
