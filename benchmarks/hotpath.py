@@ -123,7 +123,7 @@ async def run_scenario(name: str, n: int, reps: int, profile: bool) -> list[floa
             conn.connection_made(MemoryTransport((b.host, b.port)))
             conns.release(conn)
             upstreams.append(conn)
-        client = listener.protocol()
+        client = listener.protocol("198.18.0.7")
         client.connection_made(MemoryTransport(("198.18.0.7", 40000)))
         request = REQUEST
         if spec["sticky"]:

@@ -112,11 +112,11 @@ class ClientProtocol(asyncio.Protocol):
         "deadline_kind",
     )
 
-    def __init__(self, listener: HttpListener) -> None:
+    def __init__(self, listener: HttpListener, client_ip: str = "") -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.client_ip = ""
+        self.client_ip = client_ip  # known at accept; else read from the transport
         self.client_ip_b = b""
         self.admitted = False
         self.parsing: Exchange | None = None
@@ -137,8 +137,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if peer else "unknown"
+        if not self.client_ip:
+            peer = transport.get_extra_info("peername")
+            self.client_ip = peer[0] if peer else "unknown"
         self.client_ip_b = self.client_ip.encode()
         listener = self.listener
         self.admitted = True  # counted against the connection caps by the listener at accept

@@ -8,6 +8,7 @@ import socket
 import ssl
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import Coroutine
 
 from balancer.config import ListenerConfig, TimeoutsConfig
 from balancer.proxy.client import ClientProtocol
@@ -38,8 +39,8 @@ class Listener(ABC):
         self.accept_errors = 0
 
     @abstractmethod
-    def protocol(self) -> asyncio.Protocol:
-        """A protocol object for one new client connection."""
+    def protocol(self, client_ip: str) -> asyncio.Protocol:
+        """A protocol object for one new client connection from `client_ip`."""
 
     async def start(self, *, reuse_port: bool = False) -> None:
         bind = self.config.bind
@@ -56,6 +57,7 @@ class Listener(ABC):
             sock.close()
             raise
         self.sock = sock
+        self.family = family
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self._accept_ready)
 
@@ -67,10 +69,14 @@ class Listener(ABC):
         sock = self.sock
         if sock is None:
             return
-        loop = self.loop
+        # socket.accept() wraps each descriptor through enum conversions in Python; the C
+        # accept returns the bare descriptor, wrapped here with the family already known.
+        # No setblocking/TCP_NODELAY either: libuv sets both when it opens the descriptor.
+        accept = sock._accept
+        family = self.family
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, addr = sock.accept()
+                fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE, ENFILE, ENOBUFS: keep serving, try again later
@@ -78,6 +84,7 @@ class Listener(ABC):
                 if self.accept_errors in (1, 10, 100) or self.accept_errors % 1000 == 0:
                     log.error("listener %s: accept failed: %s", self.config.name, e)
                 return
+            conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             ip = addr[0] if addr else "unknown"
             if not self.limits.admit(ip):
                 # over a connection cap: refused at once (reset), before any protocol or TLS
@@ -86,23 +93,54 @@ class Listener(ABC):
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
                 conn.close()
                 continue
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            loop.create_task(self._adopt(conn, ip))
+            if self.ssl_context is None:
+                self._adopt_plain(conn, ip)
+            else:
+                self.loop.create_task(self._adopt_tls(conn, ip))
 
-    async def _adopt(self, conn: socket.socket, ip: str) -> None:
+    def _adopt_plain(self, conn: socket.socket, ip: str) -> None:
+        # A Task per connection costs more than the rest of the accept. For a plain socket,
+        # connect_accepted_socket does all its work before its one await (on the
+        # connection_made callback), so its coroutine is stepped here directly: once now,
+        # once more when that future completes.
+        coro = self.loop.connect_accepted_socket(lambda: self.protocol(ip), conn)
+        try:
+            waiter = coro.send(None)
+        except StopIteration:
+            return
+        except OSError:
+            self._adopt_failed(conn, ip)
+            return
+        waiter.add_done_callback(lambda _: self._adopt_step(coro, conn, ip))
+
+    def _adopt_step(self, coro: Coroutine, conn: socket.socket, ip: str) -> None:
+        try:
+            coro.send(None)
+        except StopIteration:
+            return
+        except (OSError, asyncio.CancelledError):
+            self._adopt_failed(conn, ip)
+            return
+        # the coroutine awaited again: it never does for a plain socket; don't strand it
+        coro.close()
+        self._adopt_failed(conn, ip)
+
+    async def _adopt_tls(self, conn: socket.socket, ip: str) -> None:
         try:
             await self.loop.connect_accepted_socket(
-                self.protocol,
+                lambda: self.protocol(ip),
                 conn,
                 ssl=self.ssl_context,
-                ssl_handshake_timeout=self.handshake_timeout if self.ssl_context else None,
+                ssl_handshake_timeout=self.handshake_timeout,
             )
         except (TimeoutError, OSError, ssl.SSLError):
-            # a failed or stalled handshake, or a client gone already: the protocol never
-            # started, so its slot under the caps is given back here
-            conn.close()
-            self.limits.release(ip)
+            self._adopt_failed(conn, ip)
+
+    def _adopt_failed(self, conn: socket.socket, ip: str) -> None:
+        # a failed or stalled handshake, or a client gone already: the protocol never
+        # started, so its slot under the caps is given back here
+        conn.close()
+        self.limits.release(ip)
 
     @property
     def listening(self) -> bool:
@@ -167,8 +205,8 @@ class HttpListener(Listener):
         self.redirect = config.redirect_https.encode() if config.redirect_https else None
         self.max_head = self.limits.config.max_header_bytes or (1 << 20)
 
-    def protocol(self) -> ClientProtocol:
-        return ClientProtocol(self)
+    def protocol(self, client_ip: str) -> ClientProtocol:
+        return ClientProtocol(self, client_ip)
 
     def shutdown_connections(self) -> None:
         """Graceful stop: idle connections close now, busy ones after their response."""

@@ -85,10 +85,10 @@ class TcpClient(asyncio.Protocol):
         "eof_pending",
     )
 
-    def __init__(self, listener: TcpListener) -> None:
+    def __init__(self, listener: TcpListener, client_ip: str = "") -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
-        self.client_ip = ""
+        self.client_ip = client_ip  # known at accept; else read from the transport
         self.upstream: TcpUpstream | None = None
         self.backend: Backend | None = None
         self.pending: list[bytes] = []
@@ -100,8 +100,9 @@ class TcpClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if peer else "unknown"
+        if not self.client_ip:
+            peer = transport.get_extra_info("peername")
+            self.client_ip = peer[0] if peer else "unknown"
         listener = self.listener
         # counted against the connection caps by the listener at accept
         self.admitted = True
@@ -221,8 +222,8 @@ class TcpListener(Listener):
         self.name = config.name
         self.pool = pool
 
-    def protocol(self) -> TcpClient:
-        return TcpClient(self)
+    def protocol(self, client_ip: str) -> TcpClient:
+        return TcpClient(self, client_ip)
 
     def shutdown_connections(self) -> None:
         """TCP sessions can't be ended politely from the middle: they get the drain time to
