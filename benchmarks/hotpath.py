@@ -49,6 +49,11 @@ class MemoryTransport:
         self.written += len(data)
         self.writes += 1
 
+    def writelines(self, chunks: tuple[bytes, ...]) -> None:
+        for data in chunks:
+            self.written += len(data)
+        self.writes += 1
+
     def get_extra_info(self, name: str, default: object = None) -> object:
         return self.peer if name == "peername" else default
 

@@ -1000,10 +1000,12 @@ class Exchange:
         held = self.held
         if held is not None:
             self.held = None
-            if len(data) <= 65536:
+            if len(data) <= up.VIEW_OVER:
                 data = held + data
             else:
-                self.client.write(held)
+                # head and first body bytes leave in one writev, without copying the body
+                self.client.transport.writelines((held, data))  # type: ignore[union-attr]
+                return
         self.client.write(data)
 
     def response_done(self, reusable: bool) -> None:

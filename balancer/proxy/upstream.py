@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("balancer.proxy")
 
 MAX_RESPONSE_HEAD = 65536
+# Body bytes beyond this size are passed on as memoryviews rather than copied slices.
+VIEW_OVER = 4096
 
 # Hop-by-hop header lines other than Connection, in a lower-cased head: their presence sends
 # the head down the full parse (chunked framing, upgrades, and the rest are rare).
@@ -208,16 +210,18 @@ class UpstreamConnection(asyncio.Protocol):
         if self.status == 0:
             self._protocol_error("incomplete response head")
             return
-        rest = data[end:]
         if 100 <= self.status < 200 and self.status != 101:
             # interim response (100 Continue, 103 Early Hints): the balancer handles
             # Expect itself, so drop it and read the final response
             self._reset_response()
             self.received_any = True
+            rest = data[end:]
             if rest:
                 self._head_data(rest)
             return
-        self._start_body(rest)
+        # the body bytes that came with the head go on as a view: copying a 64 KiB read
+        # costs more than the rest of relaying it
+        self._start_body(data[end:] if len(data) - end < VIEW_OVER else memoryview(data)[end:])
 
     def _plain_head(self, head: bytes, low: bytes) -> bool:
         """The common response head, with no hop-by-hop header but Connection: keep-alive or
