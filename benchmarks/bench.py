@@ -173,6 +173,8 @@ http {{ access_log off; keepalive_timeout 120s; client_body_temp_path {self.work
         metrics: bool = True,
         access_log: str = "off",
         health: bool = False,
+        workers: int = 1,
+        core: str = PROXY_CORE,
     ) -> Target:
         port, admin = free_port(), free_port()
         backends = "\n".join(
@@ -202,11 +204,12 @@ admin:
   metrics: {"true" if metrics else "false"}
 access_log: {{format: "{access_log}", path: "{self.work}/{name}.access"}}
 limits: {{max_connections: 100000}}
+workers: {workers}
 """
         )
         p = self.start(
             [sys.executable, "-m", "balancer", "run", "-c", str(cfg), "--log-level", "warning"],
-            core=PROXY_CORE,
+            core=core,
             log=f"{name}.log",
         )
         wait_port(port)
@@ -214,7 +217,14 @@ limits: {{max_connections: 100000}}
         self.targets[name] = t
         return t
 
-    def start_haproxy(self, name: str = "haproxy", *, sticky: bool = False) -> Target:
+    def start_haproxy(
+        self,
+        name: str = "haproxy",
+        *,
+        sticky: bool = False,
+        threads: int = 1,
+        core: str = PROXY_CORE,
+    ) -> Target:
         port = free_port()
         servers = "\n".join(
             f"    server app{i} 127.0.0.1:{p}" + (f" cookie a{i}" if sticky else "")
@@ -223,7 +233,7 @@ limits: {{max_connections: 100000}}
         cfg = self.work / f"{name}.cfg"
         cfg.write_text(
             f"""global
-    nbthread 1
+    nbthread {threads}
     maxconn {HAPROXY_MAXCONN}
 defaults
     mode http
@@ -242,19 +252,21 @@ backend be
 {servers}
 """
         )
-        p = self.start(["haproxy", "-f", str(cfg), "-db"], core=PROXY_CORE, log=f"{name}.log")
+        p = self.start(["haproxy", "-f", str(cfg), "-db"], core=core, log=f"{name}.log")
         wait_port(port)
         t = Target(name, port, p)
         self.targets[name] = t
         return t
 
-    def start_nginx_proxy(self, name: str = "nginx") -> Target:
+    def start_nginx_proxy(
+        self, name: str = "nginx", *, processes: int = 1, core: str = PROXY_CORE
+    ) -> Target:
         port = free_port()
         servers = "\n".join(f"        server 127.0.0.1:{p};" for p in self.backend_ports)
         cfg = self.work / f"{name}.conf"
         cfg.write_text(
             f"""
-daemon off; worker_processes 1; pid {self.work}/{name}.pid; error_log {self.work}/{name}.err;
+daemon off; worker_processes {processes}; pid {self.work}/{name}.pid; error_log {self.work}/{name}.err;
 worker_rlimit_nofile 65536;
 events {{ worker_connections 20000; }}
 http {{
@@ -273,7 +285,7 @@ http {{
 """
         )
         p = self.start(
-            ["nginx", "-c", str(cfg), "-p", str(self.work)], core=PROXY_CORE, log=f"{name}.log"
+            ["nginx", "-c", str(cfg), "-p", str(self.work)], core=core, log=f"{name}.log"
         )
         wait_port(port)
         t = Target(name, port, p)
@@ -431,6 +443,9 @@ SCENARIOS = {
     "least_load": dict(path="/small", conns=50),
     "metrics_off": dict(path="/small", conns=50),
     "access_log": dict(path="/small", conns=50),
+    # both cores for every proxy (2 workers / threads / processes), shared with wrk and the
+    # backend: what a second core buys each, on a machine too small to give it freely
+    "two_cores": dict(path="/small", conns=100),
 }
 
 
@@ -479,12 +494,19 @@ def main() -> int:
             lab.start_balancer("balancer_metrics_off", metrics=False)
         if "access_log" in names:
             lab.start_balancer("balancer_access_log", access_log="plain")
+        if "two_cores" in names:
+            both = f"{PROXY_CORE},{LOAD_CORE}"
+            lab.start_balancer("balancer_2w", workers=2, core=both)
+            lab.start_balancer("balancer_1w_2c", core=both)
+            lab.start_haproxy("haproxy_2t", threads=2, core=both)
+            lab.start_nginx_proxy("nginx_2p", processes=2, core=both)
         time.sleep(1.0)
         plan = {
             "sticky": ["balancer_sticky", "haproxy_sticky", "balancer", "haproxy"],
             "least_load": ["balancer_least_load", "balancer", "haproxy"],
             "metrics_off": ["balancer_metrics_off", "balancer"],
             "access_log": ["balancer_access_log", "balancer"],
+            "two_cores": ["balancer_2w", "balancer_1w_2c", "haproxy_2t", "nginx_2p", "direct"],
         }
         for rep in range(args.reps):
             for scen in names:
@@ -551,6 +573,20 @@ def main() -> int:
     return 0
 
 
+# What each scenario's "x HAProxy" column divides by.
+BASELINE = {"sticky": "haproxy_sticky", "two_cores": "haproxy_2t"}
+
+
+# Which row stands for each proxy in a scenario's bar group of the chart.
+CHART_AS = {
+    "sticky": {"balancer": "balancer_sticky", "haproxy": "haproxy_sticky"},
+    "least_load": {"balancer": "balancer_least_load"},
+    "metrics_off": {"balancer": "balancer_metrics_off"},
+    "access_log": {"balancer": "balancer_access_log"},
+    "two_cores": {"balancer": "balancer_2w", "haproxy": "haproxy_2t", "nginx": "nginx_2p"},
+}
+
+
 def median_of(runs: list[dict], key: str) -> float:
     vals = [r[key] for r in runs if key in r]
     return statistics.median(vals) if vals else float("nan")
@@ -569,9 +605,7 @@ def report(results: dict, out_dir: Path) -> None:
     )
     table = []
     for scen, by_target in results["scenarios"].items():
-        base = by_target.get("haproxy_sticky" if scen == "sticky" else "haproxy") or by_target.get(
-            "haproxy"
-        )
+        base = by_target.get(BASELINE.get(scen, "haproxy")) or by_target.get("haproxy")
         direct = by_target.get("direct")
         hap = median_of(base, "rps") if base else float("nan")
         dr = median_of(direct, "rps") if direct else float("nan")
@@ -628,23 +662,24 @@ def chart(table: list[dict], path: Path, meta: dict) -> None:
     import matplotlib.pyplot as plt
 
     scen = [s for s in dict.fromkeys(r["scenario"] for r in table)]
-    targets = [
-        t
-        for t in dict.fromkeys(r["target"] for r in table)
-        if not t.startswith("balancer_") and not t.endswith("_sticky")
-    ]
-    fig, ax = plt.subplots(figsize=(11, 5))
-    width = 0.8 / max(len(targets), 1)
+    targets = ["balancer", "haproxy", "nginx", "direct"]
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.8 / len(targets)
     for i, t in enumerate(targets):
         ys = []
         for s in scen:
-            row = next((r for r in table if r["scenario"] == s and r["target"] == t), None)
+            # a scenario's own variant of each proxy when it has one (sticky, two cores)
+            want = CHART_AS.get(s, {}).get(t, t)
+            row = next((r for r in table if r["scenario"] == s and r["target"] == want), None)
             ys.append(row["vs_haproxy"] if row and row["vs_haproxy"] else 0)
         ax.bar([x + i * width for x in range(len(scen))], ys, width, label=t)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xticks([x + width * (len(targets) - 1) / 2 for x in range(len(scen))], scen)
     ax.set_ylabel("throughput relative to HAProxy (median)")
-    ax.set_title(f"balancer vs HAProxy vs nginx, proxy pinned to one core ({meta['date']})")
+    ax.set_title(
+        f"balancer vs HAProxy vs nginx, proxy pinned to one core ({meta['date']});"
+        " sticky: each with its cookie; two_cores: 2 workers/threads/processes"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
