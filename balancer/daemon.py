@@ -321,7 +321,9 @@ class Daemon:
             for lc in new.listeners
             if lc.name in self.listeners and self._same_socket(self.listeners[lc.name], lc)
         }
-        self._sticky_keys = {}  # re-read key files: a reload is how a rotated key goes live
+        # re-read key files: a reload is how a rotated key goes live (a worker takes the
+        # keys its owner read and sent with the config instead: {} in an owner)
+        self._sticky_keys = dict(self.preset_sticky_keys)
         new_pools = self._build_pools(new, old_pools)
         self.pools = new_pools  # needed by _make_listener
         try:

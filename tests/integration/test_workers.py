@@ -466,3 +466,42 @@ def test_tcp_listeners_are_shared_too(procs: Processes, workers: Workers) -> Non
     wait_for(
         "both processes to serve", lambda: served_by_both(before, per_process_requests(lb)), 10
     )
+
+
+def test_a_worker_signs_with_the_keys_its_owner_sent_also_after_a_reload(tmp_path: Path) -> None:
+    """In process (no balancer started): a worker-role Daemon never reads the key file, at
+    start or on reload, so all processes share the owner's keys even if the file changes (or
+    when the owner's key is kept in memory only)."""
+    import asyncio
+
+    from balancer import config as config_mod
+    from balancer import sticky
+    from balancer.daemon import WORKER, Daemon
+
+    key_file = tmp_path / "sticky.key"
+    key_file.write_text("11" * 32 + "\n")
+    path = tmp_path / "lb.yaml"
+    path.write_text(
+        "listeners: [{name: web, bind: '127.0.0.1:0', routes: [{pool: web}]}]\n"
+        "admin: {bind: '127.0.0.1:0'}\n"
+        "pools: {web: {sticky: {key_file: sticky.key},"
+        " backends: [{name: a, address: '127.0.0.1:9001'}]}}\n"
+    )
+    owners = [bytes.fromhex("22" * 32)]
+    expected = sticky.StickyCodec(owners, "web", 3600).tag("127.0.0.1:9001")
+    from_file = sticky.StickyCodec([bytes.fromhex("11" * 32)], "web", 3600).tag("127.0.0.1:9001")
+    assert expected != from_file
+
+    async def scenario() -> None:
+        cfg = config_mod.load(str(path))
+        daemon = Daemon(cfg, role=WORKER, sticky_keys={str(key_file): owners})
+        await daemon.start()
+        try:
+            assert daemon.pools["web"].sticky_tag(daemon.pools["web"].backends[0]) == expected
+            assert daemon._admin_runner is None and daemon.ha is None  # the owner's jobs
+            await daemon.apply(config_mod.load(str(path)))
+            assert daemon.pools["web"].sticky_tag(daemon.pools["web"].backends[0]) == expected
+        finally:
+            await daemon.stop()
+
+    asyncio.run(scenario())
