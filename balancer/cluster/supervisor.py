@@ -154,8 +154,7 @@ class Supervisor:
                     level = logging.INFO if code == 0 else logging.ERROR
                     log.log(level, "worker %d (pid %s) exited with %s", w.slot, w.pid, code)
                     break
-            delay = RESPAWN_MIN if loop.time() - started >= STABLE_AFTER else backoff
-            backoff = min(delay * 2, RESPAWN_MAX)
+            delay, backoff = respawn_delay(backoff, loop.time() - started)
             log.error(
                 "worker %d (pid %s) exited unexpectedly (%s): respawning in %.1fs",
                 w.slot,
@@ -414,6 +413,14 @@ class Supervisor:
                 }
             )
         return out
+
+
+def respawn_delay(backoff: float, lived: float) -> tuple[float, float]:
+    """(seconds to wait before respawning, the back-off for the next death) for a worker
+    that lived `lived` seconds: one that keeps dying young waits twice as long each time, up
+    to RESPAWN_MAX; one that had been up for STABLE_AFTER starts again from RESPAWN_MIN."""
+    delay = RESPAWN_MIN if lived >= STABLE_AFTER else backoff
+    return delay, min(delay * 2, RESPAWN_MAX)
 
 
 def _signal(w: WorkerProcess, sig: int) -> None:

@@ -313,6 +313,10 @@ def test_a_killed_worker_is_respawned_and_serves(procs: Processes, workers: Work
     assert statuses == Counter({200: 40})
     wait_for("/metrics to count 40", lambda: metric_total(lb, "balancer_requests_total") == 40, 10)
     old = entries[1]["pid"]
+    # a reload goes through the owner: a worker sent SIGHUP says so and keeps serving
+    os.kill(old, signal.SIGHUP)
+    wait_for("the worker to log the ignored SIGHUP", lambda: "SIGHUP ignored" in lb.log_text(), 10)
+    assert is_worker(old) and settled(lb)
     os.kill(old, signal.SIGKILL)
 
     def respawned() -> list[dict] | None:

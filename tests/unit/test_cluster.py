@@ -295,3 +295,17 @@ def test_owner_metrics_add_the_workers_reports() -> None:
     # and without workers the owner's own numbers are untouched
     daemon.cluster = None  # type: ignore[attr-defined]
     assert total(scrape(owner), "balancer_requests_total") == 10
+
+
+def test_respawn_back_off_doubles_for_quick_deaths_and_resets_after_a_stable_spell() -> None:
+    from balancer.cluster.supervisor import RESPAWN_MAX, RESPAWN_MIN, STABLE_AFTER, respawn_delay
+
+    backoff = RESPAWN_MIN
+    delays = []
+    for _ in range(10):
+        delay, backoff = respawn_delay(backoff, lived=0.2)
+        delays.append(delay)
+    assert delays[:4] == [RESPAWN_MIN, 2 * RESPAWN_MIN, 4 * RESPAWN_MIN, 8 * RESPAWN_MIN]
+    assert delays[-1] == RESPAWN_MAX and all(d <= RESPAWN_MAX for d in delays)
+    # up for a while, then dead: back to the shortest wait
+    assert respawn_delay(backoff, lived=STABLE_AFTER) == (RESPAWN_MIN, 2 * RESPAWN_MIN)
