@@ -355,7 +355,8 @@ def test_sigterm_drains_every_process_and_exits_zero(procs: Processes, workers: 
     results: list[int] = []
 
     def slow() -> None:
-        status, _ = get(lb.port, "/?delay=1.5")
+        # long enough that all 16 are surely in flight together even on a slow machine
+        status, _ = get(lb.port, "/?delay=4")
         results.append(status)
 
     # many slow requests: the kernel puts some on each process (all 16 on one: p = 2**-15)
