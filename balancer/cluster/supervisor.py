@@ -143,7 +143,7 @@ class Supervisor:
             started = loop.time()
             try:
                 await self._spawn(w)
-            except OSError as e:
+            except Exception as e:  # OSError mostly (fds, memory); never end the slot's loop
                 log.error("worker %d: cannot start: %s", w.slot, e)
             else:
                 if self._stopping:  # stop() ran while it started: it missed the message
@@ -223,7 +223,12 @@ class Supervisor:
                 msg = None
             if msg is None:
                 break
-            self._handle(w, msg)
+            try:
+                self._handle(w, msg)
+            except Exception:
+                # a message we can't make sense of: this worker is not one we can run
+                log.exception("worker %d (pid %s): bad message %r: stopping it", w.slot, w.pid, msg)
+                _signal(w, signal.SIGKILL)
             async with self._changed:
                 self._changed.notify_all()
         channel.close()

@@ -127,6 +127,16 @@ class Worker:
         asyncio.get_running_loop().create_task(self.daemon.stop())
 
     async def serve(self) -> None:
+        """Apply the owner's messages until it says stop or goes away; then drain. Whatever
+        goes wrong here ends in a drain too: a worker that can no longer hear its owner must
+        not keep serving (it would outlive the owner and miss every change)."""
+        try:
+            await self._serve()
+        except Exception:
+            log.exception("handling the owner's messages failed: draining and exiting")
+        self.stop()
+
+    async def _serve(self) -> None:
         while True:
             try:
                 msg = await self.channel.recv()
@@ -149,7 +159,6 @@ class Worker:
                 break
             else:
                 log.warning("unknown message type %r from the owner ignored", kind)
-        self.stop()
 
     def apply_state(self, snap: state.Snapshot) -> None:
         daemon = self.daemon
@@ -170,9 +179,9 @@ class Worker:
             if msg.get("state"):
                 self.apply_state(msg["state"])
             log.info("reloaded (config generation %d)", msg["generation"])
-        except (config_mod.ConfigError, OSError, ValueError) as e:
-            error = str(e)
-            log.error("cannot apply the owner's reload: %s", error)
+        except Exception as e:  # reported: the owner replaces this worker with a fresh one
+            error = str(e) or type(e).__name__
+            log.exception("cannot apply the owner's reload")
         self.channel.send({"type": "applied", "generation": msg["generation"], "error": error})
         if msg.get("state"):
             self.channel.send({"type": "ack", "seq": msg["seq"]})
