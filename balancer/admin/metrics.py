@@ -225,6 +225,7 @@ class Metrics:
         reloads.add_metric(["success"], daemon.reloads)
         reloads.add_metric(["failure"], daemon.reload_failures)
         yield reloads
+        yield from self._processes()
         info = GaugeMetricFamily(
             "balancer_build_info", "Always 1; the version as a label.", labels=["version"]
         )
@@ -490,6 +491,28 @@ class Metrics:
         for (field, (name,)), n in totals.items():
             (refused if field == "refused" else rejected).add_metric([name], n)
         yield from (conns, refused, rejected)
+
+    def _processes(self) -> Iterator[Metric]:
+        """workers: N: how many processes serve, and how often workers had to be respawned."""
+        cluster = getattr(self.daemon, "cluster", None)
+        if cluster is None:
+            return
+        serving = GaugeMetricFamily(
+            "balancer_processes_serving",
+            "Processes serving the listeners: the owner plus its workers that are up and in"
+            " sync with its config and backend state.",
+        )
+        procs = cluster.status()
+        serving.add_metric([], 1 + sum(1 for w in procs if w["in_sync"]))
+        configured = GaugeMetricFamily(
+            "balancer_processes", "Processes configured (workers: N), the owner included."
+        )
+        configured.add_metric([], 1 + len(procs))
+        restarts = CounterMetricFamily(
+            "balancer_worker_restarts", "Worker processes respawned after they died."
+        )
+        restarts.add_metric([], cluster.restarts)
+        yield from (serving, configured, restarts)
 
     def _ha(self) -> Iterator[Metric]:
         ha = self.daemon.ha

@@ -15,6 +15,11 @@ MAX_MESSAGE = 64 * 1024 * 1024
 
 Message = dict[str, Any]
 
+# The message set's version, in the owner's first message. An owner and a worker started from
+# different installs (a package upgraded under a running owner, then a worker respawned) must
+# not guess at each other's messages: the worker refuses to start, and the owner says why.
+PROTOCOL = 1
+
 
 class ProtocolError(Exception):
     """The peer sent something that is not a frame of this protocol."""

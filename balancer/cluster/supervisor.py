@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from balancer.cluster import state
-from balancer.cluster.channel import Channel, Message, ProtocolError
+from balancer.cluster.channel import PROTOCOL, Channel, Message, ProtocolError
 
 if TYPE_CHECKING:
     from balancer.config import Config
@@ -73,6 +73,7 @@ class Supervisor:
         self._last: state.Snapshot | None = None
         self._retired: dict[str, Any] = {}  # counters of workers that exited
         self._report_id = 0
+        self.restarts = 0  # respawns over all slots, for balancer_worker_restarts_total
         self._stopping = False
         self._stop_requested = asyncio.Event()  # cuts a respawn back-off short
         # set while the owner applies a reload: its pools are half-built then (new backends
@@ -168,6 +169,7 @@ class Supervisor:
             except TimeoutError:
                 pass
             w.restarts += 1
+            self.restarts += 1
         if w.retiring and self.workers.get(w.slot) is w:
             # (a later reload may have filled the slot again: then that one stays)
             del self.workers[w.slot]
@@ -296,6 +298,7 @@ class Supervisor:
         text = cfg.text or b""
         return {
             "type": "config",
+            "protocol": PROTOCOL,
             "generation": self.generation,
             "path": cfg.source,
             "text": base64.b64encode(text).decode(),

@@ -17,7 +17,7 @@ from typing import Any
 
 from balancer import config as config_mod
 from balancer.cluster import state
-from balancer.cluster.channel import Channel, Message, ProtocolError
+from balancer.cluster.channel import PROTOCOL, Channel, Message, ProtocolError
 
 log = logging.getLogger("balancer.cluster")
 
@@ -63,6 +63,15 @@ async def run(fd: int, slot: int) -> int:
         return 1
     if first is None or first["type"] != "config":
         log.error("the owner sent no config: exiting")
+        return 1
+    if first.get("protocol") != PROTOCOL:
+        problem = (
+            f"this worker speaks protocol {PROTOCOL}, the owner {first.get('protocol')}: the"
+            " balancer was upgraded under a running owner; restart it to run the new version"
+        )
+        log.error("%s", problem)
+        channel.send({"type": "failed", "error": problem})
+        await channel.flush()
         return 1
     try:
         cfg = config_from(first)

@@ -337,6 +337,8 @@ def test_a_killed_worker_is_respawned_and_serves(procs: Processes, workers: Work
     wait_for(
         "/metrics to count 100", lambda: metric_total(lb, "balancer_requests_total") == 100, 10
     )
+    assert metric_total(lb, "balancer_worker_restarts_total") == 1
+    assert metric_total(lb, "balancer_processes_serving") == 2
 
 
 def test_workers_exit_when_the_owner_is_killed(procs: Processes, workers: Workers) -> None:

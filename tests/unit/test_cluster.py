@@ -247,11 +247,16 @@ limits: {max_connections: 1001, max_connections_per_ip: 10, rate_per_ip: 5}
 
 
 class FakeCluster:
+    restarts = 3
+
     def __init__(self, counters: dict) -> None:
         self._counters = counters
 
     def counters(self) -> dict:
         return self._counters
+
+    def status(self) -> list[dict]:
+        return [{"in_sync": True}, {"in_sync": False}]
 
 
 def test_owner_metrics_add_the_workers_reports() -> None:
@@ -292,9 +297,14 @@ def test_owner_metrics_add_the_workers_reports() -> None:
     assert value(s, "balancer_backend_inflight", backend="a") == 3
     assert value(s, "balancer_sticky_total", pool="web", result="hit") == 5
     assert value(s, "balancer_connections_refused_total", listener="http") == 3
+    assert value(s, "balancer_processes") == 3
+    assert value(s, "balancer_processes_serving") == 2  # one worker is not in sync
+    assert value(s, "balancer_worker_restarts_total") == 3
     # and without workers the owner's own numbers are untouched
     daemon.cluster = None  # type: ignore[attr-defined]
-    assert total(scrape(owner), "balancer_requests_total") == 10
+    s = scrape(owner)
+    assert total(s, "balancer_requests_total") == 10
+    assert "balancer_processes" not in s
 
 
 def test_respawn_back_off_doubles_for_quick_deaths_and_resets_after_a_stable_spell() -> None:
@@ -309,3 +319,21 @@ def test_respawn_back_off_doubles_for_quick_deaths_and_resets_after_a_stable_spe
     assert delays[-1] == RESPAWN_MAX and all(d <= RESPAWN_MAX for d in delays)
     # up for a while, then dead: back to the shortest wait
     assert respawn_delay(backoff, lived=STABLE_AFTER) == (RESPAWN_MIN, 2 * RESPAWN_MIN)
+
+
+def test_a_worker_refuses_an_owner_of_another_protocol() -> None:
+    import socket
+
+    from balancer.cluster import worker
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        owner = await channel.Channel.open(a)
+        owner.send({"type": "config", "protocol": channel.PROTOCOL + 1, "generation": 1})
+        assert await worker.run(b.detach(), 1) == 1
+        msg = await owner.recv()
+        assert msg is not None and msg["type"] == "failed"
+        assert "upgraded under a running owner" in msg["error"]
+        owner.close()
+
+    asyncio.run(main())
