@@ -316,7 +316,9 @@ def test_a_killed_worker_is_respawned_and_serves(procs: Processes, workers: Work
     # a reload goes through the owner: a worker sent SIGHUP says so and keeps serving
     os.kill(old, signal.SIGHUP)
     wait_for("the worker to log the ignored SIGHUP", lambda: "SIGHUP ignored" in lb.log_text(), 10)
-    assert is_worker(old) and settled(lb)
+    assert is_worker(old)
+    still = wait_for("the same worker, still serving", lambda: settled(lb))
+    assert still[1]["pid"] == old  # type: ignore[index]
     os.kill(old, signal.SIGKILL)
 
     def respawned() -> list[dict] | None:
@@ -457,7 +459,7 @@ def test_a_reload_changes_the_number_of_workers(procs: Processes, workers: Worke
     code, body = lb.admin("/reload", "POST")
     assert code == 400
     assert "changing workers from 2 to 1 needs a restart" in body["errors"][0]  # type: ignore[index]
-    assert len(settled(lb, 2) or []) == 2
+    wait_for("both processes still serving", lambda: settled(lb, 2))
 
 
 def test_tcp_listeners_are_shared_too(procs: Processes, workers: Workers) -> None:
