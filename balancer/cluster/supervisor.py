@@ -319,9 +319,14 @@ class Supervisor:
             return self.seq
         snap = state.snapshot(self.daemon.pools, self.daemon.load_stamps())
         if snap != self._last:
+            # only the pools that changed: a load report from one backend doesn't resend every
+            # pool (a worker leaves pools a message does not name alone; a (re)connecting one
+            # gets the full snapshot with its config)
+            last = self._last or {}
+            delta = {name: pool for name, pool in snap.items() if last.get(name) != pool}
             self.seq += 1
             self._last = snap
-            msg = {"type": "state", "seq": self.seq, "state": snap}
+            msg = {"type": "state", "seq": self.seq, "state": delta}
             for w in self.workers.values():
                 if w.channel is not None:
                     w.channel.send(msg)
