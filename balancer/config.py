@@ -149,6 +149,7 @@ class TimeoutsConfig:
     client_idle: float = 60.0
     drain: float = 30.0
     upstream_idle: float = 4.0  # idle pooled upstream keep-alive connections closed after this
+    tcp_idle: float = 3600.0  # a mode: tcp session with no byte either way is closed after this
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,15 @@ _LIMITS_KEYS = (
     "max_body_bytes",
     "rate_per_ip",
 )
-_TIMEOUTS_KEYS = ("connect", "backend", "client_header", "client_idle", "drain", "upstream_idle")
+_TIMEOUTS_KEYS = (
+    "connect",
+    "backend",
+    "client_header",
+    "client_idle",
+    "drain",
+    "upstream_idle",
+    "tcp_idle",
+)
 _HA_KEYS = (
     "node_id",
     "interface",

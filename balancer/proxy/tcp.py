@@ -83,6 +83,7 @@ class TcpClient(asyncio.Protocol):
         "admitted",
         "tried",
         "eof_pending",
+        "deadline",
     )
 
     def __init__(self, listener: TcpListener, client_ip: str = "") -> None:
@@ -97,6 +98,9 @@ class TcpClient(asyncio.Protocol):
         self.admitted = False
         self.tried: list[Backend] = []
         self.eof_pending = False  # the client half-closed before the backend connection was up
+        # loop time after which the watchdog ends the session: no byte either way for
+        # timeouts.tcp_idle (a vanished client or a wedged backend must not hold it forever)
+        self.deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -107,7 +111,23 @@ class TcpClient(asyncio.Protocol):
         # counted against the connection caps by the listener at accept
         self.admitted = True
         listener.connections.add(self)
+        self.touch()
+        listener.daemon.watchdog.add(self)
         asyncio.get_running_loop().create_task(self._connect(listener.pool))
+
+    def touch(self) -> None:
+        daemon = self.listener.daemon
+        self.deadline = daemon.loop.time() + daemon.config.timeouts.tcp_idle
+
+    def on_deadline(self, now: float) -> None:
+        log.info(
+            "tcp %s: session of %s idle for %gs: closed",
+            self.listener.name,
+            self.client_ip,
+            self.listener.daemon.config.timeouts.tcp_idle,
+        )
+        if self.transport is not None:
+            self.transport.abort()
 
     async def _connect(self, pool: Pool) -> None:
         ctx = TcpContext(self.client_ip)
@@ -153,6 +173,7 @@ class TcpClient(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        self.touch()
         up = self.upstream
         if up is not None:
             up.transport.write(data)  # type: ignore[union-attr]
@@ -175,6 +196,7 @@ class TcpClient(asyncio.Protocol):
         return False
 
     def from_upstream(self, data: bytes) -> None:
+        self.touch()
         if self.transport is not None:
             self.transport.write(data)
 
@@ -198,6 +220,7 @@ class TcpClient(asyncio.Protocol):
             self.admitted = False
             self.listener.daemon.limits.release(self.client_ip)
             self.listener.connections.discard(self)
+            self.listener.daemon.watchdog.discard(self)
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.close()

@@ -167,6 +167,31 @@ def test_half_close_before_the_backend_connection_is_up(procs):
             assert read_all(s) == b"hello from e1\nquick\nbye from e1\n"
 
 
+def test_idle_session_is_closed_after_tcp_idle_and_a_busy_one_is_not(procs):
+    backends = [("e1", echo_backend(procs, "e1"))]
+    cfg = tcp_config(backends)
+    cfg["timeouts"] = {"tcp_idle": "1s"}
+    lb = procs.balancer(cfg)
+    with connect(lb.port) as idle, connect(lb.port) as busy:
+        read_line(idle)
+        read_line(busy)
+        t0 = time.monotonic()
+        # traffic every 0.25 s keeps a session alive well past tcp_idle
+        while time.monotonic() - t0 < 3.0:
+            busy.sendall(b"ping\n")
+            assert read_line(busy) == b"ping\n"
+            time.sleep(0.25)
+        # the silent one was closed by the balancer (reset or FIN), not left open
+        idle.settimeout(5)
+        try:
+            assert idle.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        busy.sendall(b"still here\n")
+        assert read_line(busy) == b"still here\n"
+    assert "idle for 1s: closed" in lb.log_text()
+
+
 def test_consistent_hash_on_client_ip(procs):
     backends = [(n, echo_backend(procs, n)) for n in ("e1", "e2", "e3")]
     lb = procs.balancer(tcp_config(backends, strategy="consistent_hash", hash_key="client_ip"))
