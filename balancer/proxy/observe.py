@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
+import select
+import stat
 import sys
 import time
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 from balancer.config import AccessLogConfig
+
+# Lines waiting beyond this many characters are written at once, not at the next flush.
+FLUSH_AT = 64 * 1024
 
 if TYPE_CHECKING:
     from balancer.backend import Backend
@@ -18,22 +23,31 @@ if TYPE_CHECKING:
 class AccessLog:
     """One line per request, plain or JSON, written unformatted when off.
 
-    Writes go to a buffered stream flushed by `flush()` (the daemon calls it a few times a
-    second) rather than once per request: a write syscall per request would cost more than
-    the rest of the logging.
+    Lines are collected in memory and written by `flush()` (the daemon calls it a few times
+    a second, and it runs early when 64 KiB are waiting) rather than once per request: a
+    write syscall per request would cost more than the rest of the logging. Each write
+    holds whole lines only, so that with `workers: N` several processes appending to the
+    same file or stderr never cut into each other's lines (a file is opened O_APPEND; a
+    pipe gets writes of at most PIPE_BUF bytes, which the kernel keeps whole).
     """
 
     def __init__(self, config: AccessLogConfig) -> None:
         self.format = config.format
+        self.enabled = config.format != "off"
+        self._fd = -1
         self._own = False
-        self.stream: IO[str] | None
-        if config.format == "off":
-            self.stream = None
-        elif config.path:
-            self.stream = open(config.path, "a", buffering=1 << 16, encoding="utf-8")  # noqa: SIM115
-            self._own = True
-        else:
-            self.stream = sys.stderr
+        if self.enabled:
+            if config.path:
+                self._fd = os.open(config.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                self._own = True
+            else:
+                self._fd = sys.stderr.fileno()
+        # a pipe or terminal keeps a write whole up to PIPE_BUF; an O_APPEND file any size
+        self._chunk = (
+            1 << 20 if self._own and stat.S_ISREG(os.fstat(self._fd).st_mode) else select.PIPE_BUF
+        )
+        self._lines: list[str] = []
+        self._pending = 0
         self._sec = -1
         self._stamp = ""
 
@@ -46,8 +60,7 @@ class AccessLog:
         return f"{self._stamp}.{int((now - sec) * 1000):03d}Z"
 
     def write(self, ex: Exchange, duration: float, broken: bool) -> None:
-        stream = self.stream
-        if stream is None:
+        if not self.enabled:
             return
         b = ex.backend_name
         pool = ex.pool.name if ex.pool is not None else "-"
@@ -68,24 +81,45 @@ class AccessLog:
             }
             if broken:
                 rec["broken"] = True
-            stream.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            line = json.dumps(rec, separators=(",", ":")) + "\n"
         else:
-            stream.write(
+            line = (
                 f'{self._timestamp()} {ex.client_ip} "{ex.method.decode("latin-1")} '
                 f'{ex.url.decode("latin-1")} HTTP/{ex.version}" {ex.status} {ex.bytes_out} '
                 f"{ex.listener.name} {pool}/{b} {duration * 1000:.1f}ms"
                 f"{' broken' if broken else ''}\n"
             )
+        self._lines.append(line)
+        self._pending += len(line)
+        if self._pending >= FLUSH_AT:
+            self.flush()
 
     def flush(self) -> None:
-        if self.stream is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self.stream.flush()
+        lines = self._lines
+        if not lines:
+            return
+        self._lines = []
+        self._pending = 0
+        data = "".join(lines).encode("utf-8", "replace")
+        limit = self._chunk
+        try:
+            while data:
+                if len(data) <= limit:
+                    cut = len(data)
+                else:
+                    # the last line end within the limit (a longer single line goes whole)
+                    cut = data.rfind(b"\n", 0, limit) + 1 or data.find(b"\n") + 1 or len(data)
+                written = os.write(self._fd, data[:cut])
+                data = data[written:]
+        except OSError:
+            pass  # a full disk or a closed stderr must not take the proxy down with it
 
     def close(self) -> None:
         self.flush()
-        if self._own and self.stream is not None:
-            self.stream.close()
+        if self._own and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+        self.enabled = False
 
 
 class Observer:
@@ -97,7 +131,7 @@ class Observer:
 
     def request_done(self, ex: Exchange, broken: bool = False) -> None:
         duration = time.monotonic() - ex.started_at
-        if self.access_log.stream is not None:
+        if self.access_log.enabled:
             self.access_log.write(ex, duration, broken)
         m = self.metrics
         if m is not None:

@@ -514,3 +514,46 @@ def test_a_worker_signs_with_the_keys_its_owner_sent_also_after_a_reload(tmp_pat
             await daemon.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("where", ["file", "stderr"])
+def test_access_log_lines_of_both_processes_never_interleave(
+    procs: Processes, workers: Workers, tmp_path: Path, where: str
+) -> None:
+    import json
+
+    import requests
+
+    backends = [(n, procs.demo_backend(n)) for n in ("app1", "app2")]
+    path = tmp_path / "access.log"
+    log_cfg = {"format": "json", **({"path": str(path)} if where == "file" else {})}
+    lb, _ = start(procs, workers, {**config(backends), "access_log": log_cfg})
+    # long targets make long lines: every flush writes many KiB from each process at once
+    target = "/?pad=" + "x" * 900
+    threads, per_thread = 8, 100
+    failures: list[str] = []
+
+    def client() -> None:
+        with requests.Session() as s:
+            for i in range(per_thread):
+                r = s.get(f"{lb.url}{target}&i={i}", timeout=10)
+                if r.status_code != 200:
+                    failures.append(str(r.status_code))
+
+    pool = [threading.Thread(target=client) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    assert not failures
+    assert procs.stop(lb.proc) == 0  # SIGTERM: every process flushes what it holds
+    text = path.read_text() if where == "file" else lb.log_text()
+    records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    # every line whole: each parsed, and all requests are there exactly once
+    assert len(records) == threads * per_thread
+    assert Counter(r["path"].split("&i=")[1] for r in records) == Counter(
+        {str(i): threads for i in range(per_thread)}
+    )
+    assert all(r["path"].startswith(target) for r in records)
+    if where == "file":
+        assert text.count("\n") == threads * per_thread
