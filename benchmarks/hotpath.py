@@ -79,7 +79,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config_text(*, sticky: bool, metrics: bool, strategy: str, work: Path) -> str:
+def config_text(
+    *, sticky: bool, metrics: bool, strategy: str, work: Path, access_log: str = "off"
+) -> str:
     sticky_line = (
         f"    sticky: {{cookie: LBSTICKY, ttl: 1h, key_file: {work}/sticky.key}}\n"
         if sticky
@@ -98,7 +100,7 @@ pools:
 admin:
   bind: "127.0.0.1:{free_port()}"
   metrics: {"true" if metrics else "false"}
-access_log: {{format: "off"}}
+access_log: {{format: "{access_log}", path: "{work}/access.log"}}
 """
 
 
@@ -107,6 +109,7 @@ SCENARIOS = {
     "metrics_off": dict(sticky=False, metrics=False, strategy="round_robin"),
     "sticky": dict(sticky=True, metrics=True, strategy="round_robin"),
     "least_connections": dict(sticky=False, metrics=True, strategy="least_connections"),
+    "access_log": dict(sticky=False, metrics=True, strategy="round_robin", access_log="plain"),
 }
 
 

@@ -50,14 +50,20 @@ class AccessLog:
         self._pending = 0
         self._sec = -1
         self._stamp = ""
+        self._ms = -1
+        self._ms_stamp = ""
 
     def _timestamp(self) -> str:
         now = time.time()
-        sec = int(now)
-        if sec != self._sec:  # formatting a date per request is wasted work
-            self._sec = sec
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._stamp}.{int((now - sec) * 1000):03d}Z"
+        ms = int(now * 1000)
+        if ms != self._ms:  # many requests end within one millisecond under load
+            self._ms = ms
+            sec = ms // 1000
+            if sec != self._sec:  # formatting a date per request is wasted work
+                self._sec = sec
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+            self._ms_stamp = f"{self._stamp}.{ms % 1000:03d}Z"
+        return self._ms_stamp
 
     def write(self, ex: Exchange, duration: float, broken: bool) -> None:
         if not self.enabled:
