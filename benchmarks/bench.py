@@ -460,7 +460,12 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-cpu", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--chart-only", metavar="JSON", help="redraw the chart of a results.json")
     args = ap.parse_args()
+    if args.chart_only:
+        saved = json.loads(Path(args.chart_only).read_text())
+        chart(saved["table"], Path(args.chart_only).with_suffix(".png"), saved["meta"])
+        return 0
     if args.quick:
         args.duration, args.reps = 2.0, 1
     names = [s for s in args.only.split(",") if s] or list(SCENARIOS)
@@ -661,7 +666,12 @@ def chart(table: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scen = [s for s in dict.fromkeys(r["scenario"] for r in table)]
+    # balancer-against-itself scenarios (metrics_off, access_log) have no HAProxy bar to show
+    scen = [
+        s
+        for s in dict.fromkeys(r["scenario"] for r in table)
+        if any(r["scenario"] == s and r["vs_haproxy"] for r in table)
+    ]
     targets = ["balancer", "haproxy", "nginx", "direct"]
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(targets)
@@ -677,8 +687,9 @@ def chart(table: list[dict], path: Path, meta: dict) -> None:
     ax.set_xticks([x + width * (len(targets) - 1) / 2 for x in range(len(scen))], scen)
     ax.set_ylabel("throughput relative to HAProxy (median)")
     ax.set_title(
-        f"balancer vs HAProxy vs nginx, proxy pinned to one core ({meta['date']});"
-        " sticky: each with its cookie; two_cores: 2 workers/threads/processes"
+        f"balancer vs HAProxy vs nginx, each proxy pinned to one core ({meta['date']})\n"
+        "sticky: each with its own cookie; two_cores: 2 workers / threads / processes on both cores",
+        fontsize=10,
     )
     ax.legend()
     fig.tight_layout()
