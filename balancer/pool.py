@@ -90,7 +90,14 @@ class Pool:
     def sticky_backend(self, tag: bytes, exclude: Collection[Backend] = ()) -> Backend | None:
         """The backend a valid sticky cookie pins to, if it can take this request now."""
         b = self._by_tag.get(tag)
-        if b is None or b in exclude or b.full or not self.eligible(b):
+        # eligible() and `full` spelled out: this runs for every request carrying the cookie
+        if (
+            b is None
+            or (exclude and b in exclude)
+            or 0 < b.max_connections <= b.inflight
+            or b.admin_state is not BackendState.UP
+            or not (self.panic or (b.healthy and b.ejected_until == 0.0))
+        ):
             return None
         return b
 

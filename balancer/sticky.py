@@ -105,6 +105,11 @@ class StickyCodec:
         """The current tag a cookie value pins to; None when it is malformed, forged,
         tampered with, from another pool or expired. Never raises. Takes the value as text
         or as the bytes `find_cookie` returns."""
+        # a returning client's value was verified before: one dict lookup
+        known = self._verified.get(value) if value.__class__ is bytes else None
+        if known is not None:
+            tag, expiry = known
+            return tag if now < expiry <= now + self.ttl + CLOCK_SKEW else None
         if isinstance(value, str):
             if len(value) != _VALUE_CHARS or not value.isascii():
                 return None
