@@ -53,7 +53,7 @@ def sticky_keys_from(msg: Message) -> dict[str, list[bytes]]:
 
 
 async def run(fd: int, slot: int) -> int:
-    from balancer.daemon import WORKER, Daemon, cleanup_partial
+    from balancer.daemon import WORKER, Daemon, cleanup_partial, settle_heap
 
     channel = await Channel.open(socket.socket(fileno=fd))
     try:
@@ -92,6 +92,7 @@ async def run(fd: int, slot: int) -> int:
     worker = Worker(daemon, channel)
     if first.get("state"):
         worker.apply_state(first["state"])
+    settle_heap()
     channel.send(
         {
             "type": "ready",

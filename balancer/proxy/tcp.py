@@ -222,6 +222,7 @@ class TcpClient(asyncio.Protocol):
             self.listener.connections.discard(self)
             self.listener.daemon.watchdog.discard(self)
         up = self.upstream
+        self.upstream = None  # the two protocols point at each other: break the cycle
         if up is not None and up.transport is not None:
             up.transport.close()
         self._release()
