@@ -131,6 +131,18 @@ def served_by_both(before: dict[int, int], after: dict[int, int]) -> bool:
     return len(after) == 2 and all(after[pid] > before.get(pid, 0) for pid in after)
 
 
+def burst_on_both(lb: Balancer, n: int, headers: dict[str, str] | None = None) -> Counter:
+    """`n` requests on new connections, all answered 200, and served by both processes (the
+    kernel spreads new connections): the X-Backend-Name of the answers."""
+    before = per_process_requests(lb)
+    statuses, names = burst(lb.port, n, headers)
+    assert statuses == Counter({200: n})
+    wait_for(
+        "both processes to serve", lambda: served_by_both(before, per_process_requests(lb)), 10
+    )
+    return names
+
+
 def metric_total(lb: Balancer, name: str, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -195,13 +207,8 @@ def test_a_dead_backend_is_skipped_by_every_process(procs: Processes, workers: W
     wait_for("every worker to apply the health flip", lambda: settled(lb))
     sent_to_app2 = backend_requests(lb, "app2")
     failures = metric_total(lb, "balancer_backend_failures_total", backend="app2")
-    before = per_process_requests(lb)
-    statuses, names = burst(lb.port, 100)
-    assert statuses == Counter({200: 100})
+    names = burst_on_both(lb, 100)
     assert names["app2"] == 0
-    wait_for(
-        "both processes to serve", lambda: served_by_both(before, per_process_requests(lb)), 10
-    )
     # not even tried (and retried elsewhere) by any process: the owner's check decided
     assert backend_requests(lb, "app2") == sent_to_app2
     assert metric_total(lb, "balancer_backend_failures_total", backend="app2") == failures
@@ -216,13 +223,8 @@ def test_draining_through_the_admin_api_reaches_every_worker(
     assert code == 200, body
     # the answer comes once every worker applied it: no waiting needed before the burst
     sent_to_app1 = backend_requests(lb, "app1")
-    before = per_process_requests(lb)
-    statuses, names = burst(lb.port, 200)
-    assert statuses == Counter({200: 200})
+    names = burst_on_both(lb, 200)
     assert names == Counter({"app2": 200})
-    wait_for(
-        "both processes to serve", lambda: served_by_both(before, per_process_requests(lb)), 10
-    )
     assert backend_requests(lb, "app1") == sent_to_app1
     # and back up, everywhere
     code, body = lb.admin("/pools/web/backends/app1", "PATCH", {"state": "up"})
@@ -251,26 +253,16 @@ def test_sighup_reload_reaches_every_worker_and_a_bad_file_changes_nothing(
         return st["reloads"] == 1 and states == {"app1": "up", "app3": "up"} and bool(settled(lb))
 
     wait_for("the reload and app3's first check, in every process", reloaded)
-    before = per_process_requests(lb)
-    statuses, names = burst(lb.port, 100)
-    assert statuses == Counter({200: 100})
+    names = burst_on_both(lb, 100)
     assert set(names) == {"app1", "app3"}
-    wait_for(
-        "both processes to serve", lambda: served_by_both(before, per_process_requests(lb)), 10
-    )
 
     # a broken file: rejected by the owner, nothing changes anywhere
     lb.config_path.write_text(lb.config_path.read_text() + "surprise: 1\n")
     lb.proc.send_signal(signal.SIGHUP)
     wait_for("the reload to be rejected", lambda: lb.status()["last_reload_error"])
     assert "surprise" in lb.status()["last_reload_error"][0]
-    before = per_process_requests(lb)
-    statuses, names = burst(lb.port, 100)
-    assert statuses == Counter({200: 100})
+    names = burst_on_both(lb, 100)
     assert set(names) == {"app1", "app3"}
-    wait_for(
-        "both processes to serve", lambda: served_by_both(before, per_process_requests(lb)), 10
-    )
     assert lb.status()["reloads"] == 1
     assert "reload rejected" in lb.log_text()
     assert "cannot apply the owner's reload" not in lb.log_text()
@@ -295,14 +287,9 @@ def test_a_sticky_cookie_set_by_one_process_pins_on_the_other(
         for line in head.split("\r\n")
         if line.lower().startswith("x-backend-name:")
     )
-    before = per_process_requests(lb)
-    statuses, names = burst(lb.port, 60, headers={"Cookie": cookie})
-    assert statuses == Counter({200: 60})
+    names = burst_on_both(lb, 60, headers={"Cookie": cookie})
     assert names == Counter({pinned: 60})
     # both processes verified the same cookie (one of them did not sign it)
-    wait_for(
-        "both processes to serve", lambda: served_by_both(before, per_process_requests(lb)), 10
-    )
     assert metric_total(lb, "balancer_sticky_total", result="hit") >= 60
 
 
