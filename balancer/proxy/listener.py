@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
@@ -21,6 +22,9 @@ log = logging.getLogger("balancer.proxy")
 
 LISTEN_BACKLOG = 4096
 ACCEPT_BATCH = 64  # connections accepted per readiness event (HAProxy's tune.maxaccept)
+ACCEPT_RETRY_DELAY = 0.1  # accepting pauses this long after running out of descriptors
+# accept() errors that concern one client only (it reset while queued): go on accepting
+_CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
@@ -37,6 +41,7 @@ class Listener(ABC):
         self.sock: socket.socket | None = None
         self.refused = 0  # connections refused over a cap
         self.accept_errors = 0
+        self._accept_retry: asyncio.TimerHandle | None = None  # accepting paused until then
 
     @abstractmethod
     def protocol(self, client_ip: str) -> asyncio.Protocol:
@@ -79,10 +84,22 @@ class Listener(ABC):
                 fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: keep serving, try again later
+            except OSError as e:
+                if e.errno in _CLIENT_GONE:
+                    continue  # that client reset before we got to it; the next may be fine
                 self.accept_errors += 1
                 if self.accept_errors in (1, 10, 100) or self.accept_errors % 1000 == 0:
-                    log.error("listener %s: accept failed: %s", self.config.name, e)
+                    log.error(
+                        "listener %s: accept failed: %s (%d so far); retrying in %gs",
+                        self.config.name,
+                        e,
+                        self.accept_errors,
+                        ACCEPT_RETRY_DELAY,
+                    )
+                # Out of descriptors or memory: the listening socket stays readable, so
+                # retrying at once would spin the loop at full CPU until something closes.
+                # Clients wait in the kernel's backlog meanwhile; served ones go on.
+                self._pause_accepting()
                 return
             conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             ip = addr[0] if addr else "unknown"
@@ -97,6 +114,18 @@ class Listener(ABC):
                 self._adopt_plain(conn, ip)
             else:
                 self.loop.create_task(self._adopt_tls(conn, ip))
+
+    def _pause_accepting(self) -> None:
+        sock = self.sock
+        if sock is None or self._accept_retry is not None:
+            return
+        self.loop.remove_reader(sock.fileno())
+        self._accept_retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_retry = None
+        if self.sock is not None:
+            self.loop.add_reader(self.sock.fileno(), self._accept_ready)
 
     def _adopt_plain(self, conn: socket.socket, ip: str) -> None:
         # A Task per connection costs more than the rest of the accept. For a plain socket,
@@ -150,6 +179,9 @@ class Listener(ABC):
         sock = self.sock
         if sock is not None:
             self.sock = None
+            if self._accept_retry is not None:
+                self._accept_retry.cancel()
+                self._accept_retry = None
             self.loop.remove_reader(sock.fileno())
             sock.close()
 
@@ -222,5 +254,6 @@ class HttpListener(Listener):
             "tls": self.config.tls is not None,
             "connections": len(self.connections),
             "refused": self.refused,
+            "accept_errors": self.accept_errors,
             "rejected": self.rejected,
         }

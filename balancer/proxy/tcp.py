@@ -262,4 +262,5 @@ class TcpListener(Listener):
             "pool": self.pool.name,
             "connections": len(self.connections),
             "refused": self.refused,
+            "accept_errors": self.accept_errors,
         }

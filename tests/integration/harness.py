@@ -130,7 +130,9 @@ class Processes:
 
     # -- the balancer ----------------------------------------------------------------------
 
-    def balancer(self, config: dict | str, *, name: str = "lb", wait: bool = True) -> Balancer:
+    def balancer(  # type: ignore[no-untyped-def]
+        self, config: dict | str, *, name: str = "lb", wait: bool = True, **popen
+    ) -> Balancer:
         path = self.tmp / f"{name}.yaml"
         text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
         path.write_text(text)
@@ -138,6 +140,7 @@ class Processes:
         p = self.start(
             [sys.executable, "-m", "balancer", "run", "-c", str(path)],
             log_name=f"{name}.log",
+            **popen,
         )
         cfg = yaml.safe_load(text)
         lb = Balancer(p, path, log, cfg)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -764,6 +766,53 @@ def test_backend_connection_header_cannot_strip_response_framing(procs):
                 assert not any(ln.startswith(b"x-hop") for ln in lines)
     finally:
         backend.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_pauses_accepting_instead_of_spinning(procs):
+    """At its descriptor limit the balancer keeps serving the connections it has, leaves new
+    ones waiting in the backlog and retries a little later: no busy loop, no log flood."""
+    port, _ = procs.raw_backend("a")
+    limit = 64
+    lb = procs.balancer(
+        config([("a", port)]),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
+    )
+    with connect(lb.port) as first:
+        first.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(first)[0] == 200
+        held = [connect(lb.port) for _ in range(limit + 20)]  # more than it can hold
+        try:
+            time.sleep(0.5)
+            before = cpu_seconds(lb.proc.pid)
+            time.sleep(2.0)
+            # a spinning loop would burn about 2 s of CPU here; paused, almost none
+            assert cpu_seconds(lb.proc.pid) - before < 0.5
+            # the connection it already had is still served
+            first.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(first)[0] == 200
+        finally:
+            for s in held:
+                s.close()
+    # descriptors free again: new clients are accepted (within the retry delay)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with connect(lb.port) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_response(s)[0] == 200
+                break
+        except (OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    # (the admin API shares the descriptor limit: asked only now)
+    assert lb.status()["listeners"][0]["accept_errors"] > 0
+    assert lb.log_text().count("accept failed") <= 10
 
 
 RESPONSE_HEAD_FORMS = {
