@@ -512,7 +512,12 @@ class Metrics:
             "balancer_worker_restarts", "Worker processes respawned after they died."
         )
         restarts.add_metric([], cluster.restarts)
-        yield from (serving, configured, restarts)
+        hung = CounterMetricFamily(
+            "balancer_worker_hangs",
+            "Worker processes killed because they stopped reporting (alive but stuck).",
+        )
+        hung.add_metric([], cluster.hung)
+        yield from (serving, configured, restarts, hung)
 
     def _ha(self) -> Iterator[Metric]:
         ha = self.daemon.ha

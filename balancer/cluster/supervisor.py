@@ -32,6 +32,8 @@ SYNC_TIMEOUT = 2.0  # an admin change waits at most this for every worker's ack
 RELOAD_TIMEOUT = 10.0  # a reload waits at most this for every worker to apply it
 REFRESH_TIMEOUT = 0.5  # /status and /metrics wait at most this for fresh worker counters
 EXIT_GRACE = 5.0  # beyond timeouts.drain, before a worker that won't exit is killed
+SILENT_AFTER = 10.0  # a serving worker that sends nothing for this long is killed (hung)
+START_TIMEOUT = 60.0  # the same for one that never says it is ready
 
 
 class WorkerProcess:
@@ -74,6 +76,7 @@ class Supervisor:
         self._retired: dict[str, Any] = {}  # counters of workers that exited
         self._report_id = 0
         self.restarts = 0  # respawns over all slots, for balancer_worker_restarts_total
+        self.hung = 0  # workers killed for going silent, for balancer_worker_hangs_total
         self._stopping = False
         self._stop_requested = asyncio.Event()  # cuts a respawn back-off short
         # set while the owner applies a reload: its pools are half-built then (new backends
@@ -218,7 +221,18 @@ class Supervisor:
         assert channel is not None
         while True:
             try:
-                msg = await channel.recv()
+                # a worker reports its counters every REPORT_INTERVAL: one that says nothing
+                # for much longer is alive but stuck (an endless loop, a stop signal), and
+                # the connections the kernel hands its listening sockets would hang with it
+                limit = SILENT_AFTER if w.ready else START_TIMEOUT
+                msg = await asyncio.wait_for(channel.recv(), limit)
+            except TimeoutError:
+                if self._stopping or w.retiring:
+                    continue  # draining: stop() has its own deadline for it
+                log.error("worker %d (pid %s) silent for %.0fs: killing it", w.slot, w.pid, limit)
+                self.hung += 1
+                _signal(w, signal.SIGKILL)
+                msg = None
             except ProtocolError as e:
                 log.error("worker %d (pid %s): %s: stopping it", w.slot, w.pid, e)
                 _signal(w, signal.SIGKILL)

@@ -330,6 +330,33 @@ def test_a_killed_worker_is_respawned_and_serves(procs: Processes, workers: Work
     assert metric_total(lb, "balancer_processes_serving") == 2
 
 
+def test_a_hung_worker_is_killed_and_replaced(procs: Processes, workers: Workers) -> None:
+    from balancer.cluster.supervisor import SILENT_AFTER
+
+    backends = [(n, procs.demo_backend(n)) for n in ("app1", "app2")]
+    lb, entries = start(procs, workers, config(backends))
+    old = entries[1]["pid"]
+    # stopped, it is alive but answers nothing (as a worker stuck in a loop would be); the
+    # connections the kernel hashes to its socket would wait until it is replaced
+    os.kill(old, signal.SIGSTOP)
+    try:
+
+        def replaced() -> list[dict] | None:
+            now = settled(lb)
+            return now if now and now[1]["pid"] != old else None
+
+        entries = wait_for("a new worker", replaced, SILENT_AFTER + 30)  # type: ignore[assignment]
+    finally:
+        if is_worker(old):
+            os.kill(old, signal.SIGKILL)
+    workers.note(entries)
+    assert not is_worker(old)
+    assert f"silent for {SILENT_AFTER:.0f}s: killing it" in lb.log_text()
+    assert metric_total(lb, "balancer_worker_hangs_total") == 1
+    names = burst_on_both(lb, 60)
+    assert sum(names.values()) == 60
+
+
 def test_workers_exit_when_the_owner_is_killed(procs: Processes, workers: Workers) -> None:
     backends = [(n, procs.demo_backend(n)) for n in ("app1",)]
     lb, entries = start(procs, workers, config(backends))

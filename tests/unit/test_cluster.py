@@ -248,6 +248,7 @@ limits: {max_connections: 1001, max_connections_per_ip: 10, rate_per_ip: 5}
 
 class FakeCluster:
     restarts = 3
+    hung = 1
 
     def __init__(self, counters: dict) -> None:
         self._counters = counters
@@ -300,6 +301,7 @@ def test_owner_metrics_add_the_workers_reports() -> None:
     assert value(s, "balancer_processes") == 3
     assert value(s, "balancer_processes_serving") == 2  # one worker is not in sync
     assert value(s, "balancer_worker_restarts_total") == 3
+    assert value(s, "balancer_worker_hangs_total") == 1
     # and without workers the owner's own numbers are untouched
     daemon.cluster = None  # type: ignore[attr-defined]
     s = scrape(owner)
