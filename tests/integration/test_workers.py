@@ -397,15 +397,8 @@ def test_sigterm_drains_every_process_and_exits_zero(procs: Processes, workers: 
     assert "worker 1 (pid" in log and "exited with 0" in log
 
 
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        ("0", "workers: must be >= 1, got 0"),
-        ("-1", "workers: must be >= 1, got -1"),
-        ("many", "workers: expected an integer >= 1 or 'auto', got a string 'many'"),
-    ],
-)
-def test_check_reports_bad_workers_values(tmp_path: Path, value: str, message: str) -> None:
+def check_workers(tmp_path: Path, value: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`balancer check` of a one-pool file with `workers: value` (on line 3)."""
     path = tmp_path / "lb.yaml"
     path.write_text(
         "listeners: [{name: web, bind: '127.0.0.1:8080', routes: [{pool: web}]}]\n"
@@ -419,24 +412,25 @@ def test_check_reports_bad_workers_values(tmp_path: Path, value: str, message: s
         cwd=ROOT,
         timeout=30,
     )
+    return r, path
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "workers: must be >= 1, got 0"),
+        ("-1", "workers: must be >= 1, got -1"),
+        ("many", "workers: expected an integer >= 1 or 'auto', got a string 'many'"),
+    ],
+)
+def test_check_reports_bad_workers_values(tmp_path: Path, value: str, message: str) -> None:
+    r, path = check_workers(tmp_path, value)
     assert r.returncode == 1
     assert f"{path}:3: {message}" in r.stderr
 
 
 def test_check_accepts_workers_auto(tmp_path: Path) -> None:
-    path = tmp_path / "lb.yaml"
-    path.write_text(
-        "listeners: [{name: web, bind: '127.0.0.1:8080', routes: [{pool: web}]}]\n"
-        "pools: {web: {backends: [{name: a, address: '127.0.0.1:9001'}]}}\n"
-        "workers: auto\n"
-    )
-    r = subprocess.run(
-        [sys.executable, "-m", "balancer", "check", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-    )
+    r, _ = check_workers(tmp_path, "auto")
     assert r.returncode == 0, r.stderr
 
 
