@@ -81,7 +81,7 @@ def pool_of(names: tuple[str, ...] = ("a", "b", "c"), strategy: str = "round_rob
 
 
 def picks(pool: Pool, n: int = 30) -> set[str]:
-    ctx = TcpContext("10.0.0.1")
+    ctx = TcpContext("198.18.0.1")
     out = set()
     for _ in range(n):
         b = pool.select(ctx)
