@@ -201,12 +201,8 @@ class UpstreamConnection(asyncio.Protocol):
         if _RARE_HOP.search(low) is None:
             if not self._plain_head(head, low):
                 return
-        else:
-            self.parser = httptools.HttpResponseParser(self)
-            self._feed(head)
-            if self.state != HEAD or self.exchange is None:
-                return
-            self._build_head_out()
+        elif not self._full_head(head):
+            return
         if self.status == 0:
             self._protocol_error("incomplete response head")
             return
@@ -250,15 +246,10 @@ class UpstreamConnection(asyncio.Protocol):
             if value == b"close":
                 self.conn_close = True
             elif value != b"keep-alive" or low.find(b"\r\nconnection:", line_end) >= 0:
-                # options naming other headers, or several Connection lines: the slow path
+                # options naming other headers, or several Connection lines: the full parse
                 # knows how to strip what they name
                 self._reset_response()
-                self.parser = httptools.HttpResponseParser(self)
-                self._feed(head)
-                if self.state != HEAD or self.exchange is None:
-                    return False
-                self._build_head_out()
-                return True
+                return self._full_head(head)
             head = head[:at] + head[line_end:]
         line_end = head.find(b"\r\n")
         if head.startswith(b"HTTP/1.1 ") and line_end > 13:
@@ -269,11 +260,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.head_out = b"HTTP/1.1 %d %b%b" % (status, reason, head[line_end:-2])
         return True
 
-    def _build_head_out(self) -> None:
+    def _full_head(self, head: bytes) -> bool:
+        """Any response head: parsed header by header (hop-by-hop ones set aside, the ones
+        Connection names stripped), then joined back for the client. False when the
+        response turned out invalid (the exchange has been told)."""
+        self.parser = httptools.HttpResponseParser(self)
+        self._feed(head)
+        if self.state != HEAD or self.exchange is None:
+            return False
         parts = [b"HTTP/1.1 %d " % self.status, self.reason or b"-", CRLF]
         for name, value in self.client_headers():
             parts += (name, b": ", value, CRLF)
         self.head_out = b"".join(parts)
+        return True
 
     def _feed(self, data: bytes) -> None:
         try:
