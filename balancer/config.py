@@ -1328,6 +1328,10 @@ class _Parser:
             expect_status=_expect_status,
         )
         interval = fields.get("interval", HealthCheckConfig.interval)
+        if "timeout" not in fields and not s.has("timeout") and "interval" in fields:
+            # an unset timeout follows a short interval down (as HAProxy's `timeout check`
+            # defaults to `inter`): `interval: 200ms` alone is a valid fast check
+            fields["timeout"] = min(HealthCheckConfig.timeout, interval)
         timeout = fields.get("timeout", HealthCheckConfig.timeout)
         # compared only when both are known: a wrong one is reported already
         both_known = all(k in fields or not s.has(k) for k in ("interval", "timeout"))

@@ -1359,6 +1359,16 @@ def test_health_check_timeout_not_above_interval() -> None:
     assert check is not None and check.timeout == check.interval == 1.0
 
 
+def test_health_check_unset_timeout_follows_a_short_interval() -> None:
+    # the operator wrote only `interval: 200ms`: the default timeout (500ms) must not turn
+    # that into an error about a key they never set
+    check = parse(pool("health_check: {interval: 200ms}\n" + ONE_BACKEND)).pools["web"].health_check
+    assert check is not None and check.interval == check.timeout == 0.2
+    # a longer interval keeps the default timeout
+    check = parse(pool("health_check: {interval: 5s}\n" + ONE_BACKEND)).pools["web"].health_check
+    assert check is not None and check.timeout == 0.5
+
+
 # ---------------------------------------------------------------------------------------------
 # Sticky
 # ---------------------------------------------------------------------------------------------
