@@ -166,7 +166,11 @@ class Metrics:
     def report(self) -> dict[str, Any]:
         """This process's counters as JSON-able totals since it started: what a worker
         process sends its owner, which adds them to its own at scrape time."""
-        self._fold_pools(dict(self.daemon.pools))
+        pools = dict(self.daemon.pools)
+        # a worker prunes its rows of removed backends as the owner does at scrape time:
+        # otherwise its reports would bring them back into every scrape for ever
+        self._drop_stale_rows(pools, time.monotonic())
+        self._fold_pools(pools)
         self._fold_listeners(dict(self.daemon.listeners))
         failures: dict[str, dict[str, dict[str, int]]] = {}
         for (pool, backend, kind), n in self.failures.items():
@@ -248,8 +252,15 @@ class Metrics:
                 elif now - seen[1] > STALE_ROW_SECONDS:
                     del rows[bname]
                     del self._idle[key]
+                    self._forget(pname, bname)
             if not rows and pool is None:
                 del self.stats[pname]
+
+    def _forget(self, pool: str, backend: str) -> None:
+        """Drop the failure and ejection counts of a backend whose request row went stale."""
+        for key in [k for k in self.failures if k[0] == pool and k[1] == backend]:
+            del self.failures[key]
+        self.ejections.pop((pool, backend), None)
 
     def _requests(self, workers: dict[str, Any]) -> Iterator[Metric]:
         requests = CounterMetricFamily(

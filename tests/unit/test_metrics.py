@@ -336,6 +336,24 @@ def test_rows_of_removed_backends_are_dropped_once_stale() -> None:
     assert "b" not in m.stats["web"] and "a" in m.stats["web"]
 
 
+def test_worker_reports_drop_stale_rows_of_removed_backends(monkeypatch) -> None:
+    # a worker's report is added to the owner's scrape: if the worker kept its rows of a
+    # removed backend, they would come back in every scrape however long ago it went
+    pool = make_pool()
+    m = Metrics(FakeDaemon({"web": pool}))  # type: ignore[arg-type]
+    ex = FakeExchange(pool, "b", 502)
+    m.request_done(ex, 0.01, False)
+    m.backend_failed(ex, pool.backends[1], "connect")  # type: ignore[arg-type]
+    m.request_done(FakeExchange(pool, "a", 200), 0.01, False)
+    pool.remove_backend(pool.backends[1])
+    report = m.report()
+    assert "b" in report["requests"]["web"] and report["failures"]["web"]["b"] == {"connect": 1}
+    monkeypatch.setattr(metrics_mod, "STALE_ROW_SECONDS", -1.0)
+    report = m.report()
+    assert "b" not in report["requests"]["web"] and "a" in report["requests"]["web"]
+    assert report["failures"] == {}
+
+
 def test_request_done_is_cheap() -> None:
     pool = make_pool()
     m = Metrics(FakeDaemon({"web": pool}))  # type: ignore[arg-type]
