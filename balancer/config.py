@@ -911,6 +911,13 @@ class _Parser:
             raise ValueError(f"directory {directory} does not exist")
         return path
 
+    def sticky_key_file(self, value: object) -> str:
+        """A sticky key_file: its directory must exist (the file is created there when it
+        does not); an existing file must hold a key, or `balancer run` could not start."""
+        path = self.path_in_existing_dir(value)
+        check_sticky_key_file(path)
+        return path
+
     def strategies(self) -> list[str]:
         if self._strategies is None:
             # imported here, not at the top, so that a strategy module may import this one
@@ -1306,13 +1313,26 @@ class _Parser:
             enabled = self.scalar(node, loc, _sticky_flag)
             return StickyConfig() if enabled is True else None
         s = _Section(self, node, loc, _STICKY_KEYS)
-        return StickyConfig(
-            **s.fields(
-                cookie=_cookie_name,
-                ttl=_duration(positive=True),
-                key_file=self.path_in_existing_dir,
-            )
+        fields = s.fields(
+            cookie=_cookie_name,
+            ttl=_duration(positive=True),
+            key_file=self.sticky_key_file,
         )
+        if not s.has("key_file"):
+            self.default_sticky_key_file(node, loc)
+        return StickyConfig(**fields)
+
+    def default_sticky_key_file(self, node: yaml.Node, loc: str) -> None:
+        # without key_file the daemon keeps the key in `sticky.key` beside the config file:
+        # one that is there already must be usable, or the daemon could not start
+        if self.base_dir is None:
+            return
+        try:
+            check_sticky_key_file(os.path.join(self.base_dir, "sticky.key"))
+        except ValueError as e:
+            self.problem(
+                loc, f"{e} (the key kept beside the config; set key_file to use another)", node
+            )
 
     def health_check(self, node: yaml.Node | None, loc: str) -> HealthCheckConfig | None:
         mark = self.checkpoint()
@@ -1511,6 +1531,21 @@ def _syntax_problem(error: yaml.YAMLError, text: str, source: str) -> Problem:
             )
         return Problem("", f"YAML syntax error: {what}{context}", None, source)
     return Problem("", f"YAML syntax error: {error}", None, source)
+
+
+def check_sticky_key_file(path: str) -> None:
+    """ValueError when `path` exists but holds no usable sticky key (a missing file is
+    fine: it is created with a new random key)."""
+    from balancer import sticky
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    sticky.keys_from_bytes(data, path)
 
 
 def parse(text: str | bytes, source: str = "<config>", base_dir: str | None = None) -> Config:

@@ -101,7 +101,10 @@ class Daemon:
         self.pools = self._build_pools(cfg, {})
         for lc in cfg.listeners:
             listener = self._make_listener(lc)
-            await listener.start(reuse_port=cfg.workers > 1)
+            try:
+                await listener.start(reuse_port=cfg.workers > 1)
+            except OSError as e:
+                raise OSError(e.errno, f"listener {lc.name} on {lc.bind}: {e.strerror or e}") from e
             self.listeners[lc.name] = listener
             log.info("listener %s (%s) on %s", lc.name, lc.mode, lc.bind)
         self._tasks.append(loop.create_task(maintain_forever(lambda: self.pools.values())))
@@ -229,7 +232,10 @@ class Daemon:
         bind = self.config.admin.bind
         try:
             site = web.TCPSite(runner, bind.host, bind.port, reuse_address=True)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as e:
+                raise OSError(e.errno, f"admin on {bind}: {e.strerror or e}") from e
         except BaseException:
             await runner.cleanup()
             raise
@@ -639,7 +645,8 @@ async def run_daemon(
     daemon = Daemon(config, log_level=log_level)
     try:
         await daemon.start()
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        # a port in use, an unreadable key file: one line naming it, never a traceback
         log.error("cannot start: %s", e)
         await cleanup_partial(daemon)
         return 1

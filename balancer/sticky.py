@@ -283,12 +283,30 @@ def load_or_create_keys(path: str) -> list[bytes]:
 
 
 def _read_keys(path: str) -> list[bytes]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
-        text = f.read()
+        data = f.read()
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("sticky: key file %s is readable by others (mode %o)", path, mode & 0o777)
-    return parse_keys(text, path)
+    return keys_from_bytes(data, path)
+
+
+def keys_from_bytes(data: bytes, source: str = "key file") -> list[bytes]:
+    """The keys of a key file's bytes: text as `parse_keys` reads it, or, for a file that is
+    not text (`openssl rand 32 > sticky.key`, as the HA auth_key_file may be), the whole
+    file but for surrounding whitespace as one raw key. ValueError when it holds no key."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or any(c < " " and c not in "\t\r\n" for c in text):
+        key = data.strip()
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(
+                f"{source}: a raw (binary) key is {len(key)} bytes, at least {MIN_KEY_BYTES} needed"
+            )
+        return [key]
+    return parse_keys(text, source)
 
 
 # ---------------------------------------------------------------------------------------------

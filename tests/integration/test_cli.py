@@ -73,6 +73,45 @@ def test_run_refuses_a_bad_file_before_binding(tmp_path):
         s.bind(("127.0.0.1", port))
 
 
+STICKY = """listeners:
+  - name: http
+    bind: "127.0.0.1:{port}"
+    routes: [{{pool: web}}]
+pools:
+  web:
+    sticky: {{cookie: LB}}
+    backends: [{{name: a, address: "127.0.0.1:9001"}}]
+admin: {{bind: "127.0.0.1:{admin}"}}
+"""
+
+
+def test_run_names_the_address_in_use_and_exits_1(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "lb.yaml"
+        path.write_text(STICKY.format(port=port, admin=free_port()))
+        r = balancer("run", "-c", str(path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"cannot start: [Errno 98] listener http on 127.0.0.1:{port}" in r.stderr
+
+
+def test_sticky_key_file_beside_the_config_is_checked(tmp_path):
+    # a sticky.key that holds no key: `check` passed it and `run` died in a traceback
+    path = tmp_path / "lb.yaml"
+    path.write_text(STICKY.format(port=free_port(), admin=free_port()))
+    (tmp_path / "sticky.key").write_text("not a key!\n")
+    for command in ("check", "run"):
+        r = balancer(command, "-c", str(path))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "lb.yaml:7: pools.web.sticky: " in r.stderr and "not a hex or base64 key" in r.stderr
+    # a binary key (`openssl rand 32 > sticky.key`) is one raw key
+    (tmp_path / "sticky.key").write_bytes(b"\xff\x00" * 16)
+    r = balancer("check", "-c", str(path))
+    assert r.returncode == 0, r.stderr
+
+
 def test_demo_serves_three_backends_and_stops_on_ctrl_c():
     for port in (8080, 9000, 9101, 9102, 9103):
         with socket.socket() as s:

@@ -1397,6 +1397,27 @@ def test_sticky_fields(sticky: str, location: str, fragment: str) -> None:
     expect(pool(f"sticky: {sticky}   # <-\n" + ONE_BACKEND), loc, fragment)
 
 
+def test_sticky_key_file_that_holds_no_key_is_a_located_problem(tmp_path: Path) -> None:
+    # `balancer check` passed such a file and `balancer run` then died in a traceback
+    (tmp_path / "bad.key").write_text("not a key!\n")
+    problem = expect(
+        pool(f"sticky: {{key_file: {tmp_path}/bad.key}}   # <-\n" + ONE_BACKEND),
+        "pools.web.sticky.key_file",
+        "bad.key:1: not a hex or base64 key",
+    )
+    assert problem.line is not None
+    # the key kept beside the config when key_file is not set is checked the same way
+    (tmp_path / "sticky.key").write_text("abcd\n")
+    found = problems_of(pool("sticky: {cookie: SRV}\n" + ONE_BACKEND), base_dir=str(tmp_path))
+    assert [p.location for p in found] == ["pools.web.sticky"]
+    assert "sticky.key:1: key is 2 bytes, at least 16 needed" in found[0].message
+    # a raw binary key (as `openssl rand 32 > key`, like the HA auth_key_file) is a key
+    (tmp_path / "raw.key").write_bytes(b"\xff\x00" * 16)
+    cfg = parse(pool(f"sticky: {{key_file: {tmp_path}/raw.key}}\n" + ONE_BACKEND))
+    sticky = cfg.pools["web"].sticky
+    assert sticky is not None and sticky.key_file == str(tmp_path / "raw.key")
+
+
 # ---------------------------------------------------------------------------------------------
 # Admin, limits, timeouts, access log, workers
 # ---------------------------------------------------------------------------------------------

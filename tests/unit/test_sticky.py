@@ -286,6 +286,18 @@ def test_bad_key_file_is_a_clear_error(tmp_path, text, message):
     assert str(path) in str(info.value)
 
 
+def test_a_binary_key_file_is_one_raw_key(tmp_path):
+    # `openssl rand 32 > sticky.key`, the way the HA auth_key_file may be made: not text, so
+    # the whole file (but for surrounding whitespace) is the key; before, run died on it
+    path = tmp_path / "k"
+    raw = b"\xff\x00\x9c" + bytes(range(1, 30))
+    path.write_bytes(raw + b"\n")
+    assert load_or_create_keys(str(path)) == [raw]
+    path.write_bytes(b"\xff\x00short")
+    with pytest.raises(ValueError, match="a raw \\(binary\\) key is 7 bytes, at least 16"):
+        load_or_create_keys(str(path))
+
+
 def test_parse_keys_reads_hex_before_base64():
     # 32 hex digits are also valid base64; hex wins, as documented
     assert parse_keys("00112233445566778899aabbccddeeff") == [
