@@ -99,6 +99,7 @@ class ClientProtocol(asyncio.Protocol):
         "active",
         "queue",
         "head_size",
+        "head_raw",
         "header_count",
         "upgrade_pending",
         # flow control
@@ -123,6 +124,7 @@ class ClientProtocol(asyncio.Protocol):
         self.active: Exchange | None = None
         self.queue: deque[Exchange] = deque()
         self.head_size = 0
+        self.head_raw = 0
         self.header_count = 0
         self.upgrade_pending = False
         self.read_pause = 0
@@ -250,9 +252,12 @@ class ClientProtocol(asyncio.Protocol):
             self.reject(400, f"malformed request: {e}")
             return
         if self.parsing is not None and self.deadline_kind == DL_HEAD:
-            # still inside a request head: enforce the size cap on what is buffered
-            self.head_size += len(data)
-            if self.head_size > self.listener.limits.config.max_header_bytes > 0:
+            # still inside a request head: enforce the size cap on what is buffered (a line
+            # that never ends). Its own count: head_size, kept by the callbacks, already
+            # holds the complete lines of these same bytes (adding both made a head split
+            # across two reads count nearly double and get a 431 at half the cap)
+            self.head_raw += len(data)
+            if self.head_raw > self.listener.limits.config.max_header_bytes > 0:
                 self.reject(431, "request header fields too large")
 
     # -- httptools callbacks ---------------------------------------------------------------
@@ -262,6 +267,7 @@ class ClientProtocol(asyncio.Protocol):
         ex = Exchange(self)
         self.parsing = ex
         self.head_size = 0
+        self.head_raw = 0
         self.header_count = 0
         if self.active is None and self.deadline_kind != DL_HEAD:
             self.deadline_kind = DL_HEAD
@@ -272,6 +278,7 @@ class ClientProtocol(asyncio.Protocol):
         ex.url += url  # type: ignore[union-attr]
         if len(ex.url) > self.listener.max_head:  # type: ignore[union-attr]
             raise RequestRejected(414, "request target too long")
+        self.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
@@ -293,7 +300,12 @@ class ClientProtocol(asyncio.Protocol):
         # becomes a tunnel; on anything else the bytes after it were already claimed as
         # tunnel data and can't be parsed as requests, so that answer closes the connection.
         ex.keep_alive = p.should_keep_alive() and not p.should_upgrade()
+        # the whole head counts against max_header_bytes, as documented ("request head
+        # size"): the request line ("GET " url " HTTP/1.1\r\n") and the blank line too
+        head_size = self.head_size + len(ex.method) + 14
         self.head_size = 0
+        if 0 < self.listener.limits.config.max_header_bytes < head_size:
+            raise RequestRejected(431, "request header fields too large")
         ex.prepare()  # validates, routes and builds the forwarded head; may raise
         listener = self.listener
         if ex.chunked or ex.content_length > 0:

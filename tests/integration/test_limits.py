@@ -279,6 +279,37 @@ def test_header_size_and_count_limits_give_431(procs):
     assert complete_requests(forwarded.replace(b"\n--END--\n", b"")) == 2
 
 
+def test_header_byte_cap_is_the_whole_head_however_it_is_split(procs):
+    """max_header_bytes is the request head's size, request line and blank line included,
+    exactly at the cap; a head that arrives in several reads counts once, not twice (a
+    571-byte head split in two used to get a 431 under a 1024-byte cap)."""
+    port, _ = procs.raw_backend("a")
+    lb = procs.balancer(config([("a", port)], limits={"max_header_bytes": 1024}))
+
+    def head(size: int) -> bytes:
+        base = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: \r\n\r\n"
+        return base[:-4] + b"a" * (size - len(base)) + b"\r\n\r\n"
+
+    def status(data: bytes, cuts: tuple[int, ...] = ()) -> int:
+        with connect(lb.port) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            start = 0
+            for cut in (*cuts, len(data)):
+                s.sendall(data[start:cut])
+                start = cut
+                time.sleep(0.05)  # separate reads on the other side
+            return read_response(s)[0]
+
+    for size, expected in ((1024, 200), (1025, 431)):
+        data = head(size)
+        assert len(data) == size
+        assert status(data) == expected
+        assert status(data, (size - 3,)) == expected
+        assert status(data, (20, size // 2, size - 1)) == expected
+    half = head(600)
+    assert status(half, (len(half) - 3,)) == 200
+
+
 def test_body_limit_413_up_front_and_mid_stream(procs, sink):
     port, record = procs.raw_backend("a")
     cfg = config([("a", port)], limits={"max_body_bytes": 1000})
