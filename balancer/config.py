@@ -225,15 +225,15 @@ class ConfigError(Exception):
 # Scalar syntaxes shared by many keys.
 # ---------------------------------------------------------------------------------------------
 
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # "ms" is listed before "m" so that "250ms" is not read as 250 minutes followed by junk
-_DURATION_PART = r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:ms|s|m|h)"
+_DURATION_PART = r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:ms|s|m|h|d)"
 _DURATION_RE = re.compile(rf"(?:{_DURATION_PART})+")
-_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)(ms|s|m|h)")
+_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)(ms|s|m|h|d)")
 _BARE_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-_DURATION_HINT = "use a number with a unit: ms, s, m or h (e.g. '250ms', '2s', '1m', '1h30m')"
+_DURATION_HINT = "use a number with a unit: ms, s, m, h or d (e.g. '250ms', '2s', '1m', '1h30m')"
 
 
 def _kind(value: object) -> str:
@@ -262,7 +262,7 @@ def _kind(value: object) -> str:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from "250ms", "2s", "1m", "1h", "1.5s" or "1h30m"; ValueError otherwise.
+    """Seconds from "250ms", "2s", "1m", "1h", "7d", "1.5s" or "1h30m"; ValueError otherwise.
 
     A bare number is refused, except 0, because "timeout: 5" is ambiguous between seconds and
     milliseconds and guessing wrong is a thousandfold error.

@@ -414,6 +414,8 @@ checks: &checks {interval: 2s, timeout: 1s}
         ("1.5s", 1.5),
         (".5s", 0.5),
         ("1h30m", 5400.0),
+        ("7d", 7 * 86400.0),  # days, as in nginx and HAProxy (a sticky ttl of a week)
+        ("1d12h", 129600.0),
         ("1m30s", 90.0),
         ("1s500ms", 1.5),
         (" 3s ", 3.0),
