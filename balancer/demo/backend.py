@@ -185,6 +185,23 @@ def _query_float(request: web.Request, key: str, *, maximum: float) -> float:
     return value
 
 
+def _query_delay(request: web.Request) -> float:
+    """`?delay=` in seconds (`0.5`) or as a duration like the config's and --latency's
+    (`500ms`, `2s`)."""
+    raw = request.query.get("delay")
+    if raw is not None and raw.strip() and raw.strip()[-1:].isalpha():
+        try:
+            value = parse_duration(raw)
+        except ValueError:
+            raise web.HTTPBadRequest(
+                text="delay must be seconds or a duration (500ms, 2s)\n"
+            ) from None
+        if value > MAX_DELAY_S:
+            raise web.HTTPBadRequest(text=f"delay must be between 0 and {MAX_DELAY_S:g}\n")
+        return value
+    return _query_float(request, "delay", maximum=MAX_DELAY_S)
+
+
 def _query_int(request: web.Request, key: str, *, default: int | None = None) -> int:
     raw = request.query.get(key)
     if raw is None:
@@ -224,7 +241,7 @@ async def _knobs_and_accounting(
     if counted:
         state.inflight += 1
     try:
-        delay = state.latency + _query_float(request, "delay", maximum=MAX_DELAY_S)
+        delay = state.latency + _query_delay(request)
         cpu = state.cpu_ms + _query_float(request, "cpu", maximum=MAX_CPU_MS)
         if delay > 0:
             await asyncio.sleep(delay)
@@ -592,6 +609,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="balancer demo-backend",
         description="Run one demo app server (a page naming the server, a per-session visit "
         "counter, /healthz reporting load, and test endpoints).",
+        epilog="Per request: ?delay=SECONDS or a duration (?delay=500ms) and ?cpu=MS add "
+        "latency and CPU work to any path. Endpoints: / (the page), /healthz "
+        '(JSON {"load": ...} and X-Backend-Load), /echo, /bytes?n=N, /status/CODE, '
+        '/slow-body?n=N&pause=S; POST /_control/health {"healthy": false} and '
+        'POST /_control/load {"load": 0.9} (null: measured again) steer the health check.',
     )
     p.add_argument("--port", type=int, required=True, help="TCP port to listen on")
     p.add_argument("--name", help="name shown on the page and in X-Backend-Name (default app-PORT)")

@@ -450,10 +450,21 @@ def test_delay_and_cpu_knobs(backend: Backend) -> None:
     started = time.monotonic()
     assert requests.get(backend.url + "/healthz?delay=0.3", timeout=HTTP_TIMEOUT).ok
     assert time.monotonic() - started >= 0.3
+    started = time.monotonic()  # a duration, as for --latency and in the config
+    assert requests.get(backend.url + "/healthz?delay=300ms", timeout=HTTP_TIMEOUT).ok
+    assert time.monotonic() - started >= 0.3
     started = time.monotonic()
     r = requests.get(backend.url + "/echo?cpu=250", timeout=HTTP_TIMEOUT)
     assert r.ok and time.monotonic() - started >= 0.25
-    for bad in ("delay=abc", "delay=-1", "delay=nan", "cpu=1e9", "delay=inf"):
+    for bad in (
+        "delay=abc",
+        "delay=-1",
+        "delay=nan",
+        "cpu=1e9",
+        "delay=inf",
+        "delay=2h",
+        "delay=1x",
+    ):
         r = requests.get(f"{backend.url}/products?{bad}", timeout=HTTP_TIMEOUT)
         assert r.status_code == 400, bad
 
