@@ -292,10 +292,12 @@ class _Api:
             raise BadRequest(409, str(e)) from None
         await self.daemon.propagate()  # in effect in every worker process when we answer
         entry = self._entry(pool, b)
-        entry["note"] = (
-            "added; down until its first health check passes, then it takes traffic. "
-            + RUNTIME_NOTE
-        )
+        if pool.config.health_check is None:
+            # nothing would ever check it: it is up, and takes traffic, from now
+            added = "added; the pool has no health_check, so it takes traffic now. "
+        else:
+            added = "added; down until its first health check passes, then it takes traffic. "
+        entry["note"] = added + RUNTIME_NOTE
         return _json(entry, 201)
 
     async def update_backend(self, request: web.Request) -> web.Response:

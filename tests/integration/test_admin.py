@@ -148,6 +148,21 @@ def test_add_then_remove_a_backend_under_traffic(procs):
     assert code == 404, body
 
 
+def test_added_backend_in_a_pool_without_health_check_is_up_at_once(procs):
+    # no checks would ever run: it is up now, and the note says so (it said "down until
+    # its first health check passes", which never comes)
+    port1 = procs.demo_backend("app1")
+    lb = procs.balancer(config([("app1", port1)]))
+    port2 = procs.demo_backend("app2")
+    code, body = lb.admin(
+        "/pools/web/backends", "POST", {"name": "app2", "address": f"127.0.0.1:{port2}"}
+    )
+    assert code == 201, body
+    assert body["state"] == "up" and "no health_check, so it takes traffic now" in body["note"]
+    served = {requests.get(lb.url + "/", timeout=5).headers["X-Backend-Name"] for _ in range(4)}
+    assert served == {"app1", "app2"}
+
+
 def test_drain_disable_enable_under_traffic(procs):
     lb, ports = start(procs, 3)
     slow: list[tuple[int, str]] = []
