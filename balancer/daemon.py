@@ -11,6 +11,7 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from balancer import config as config_mod
 from balancer import sticky
@@ -101,10 +102,7 @@ class Daemon:
         self.pools = self._build_pools(cfg, {})
         for lc in cfg.listeners:
             listener = self._make_listener(lc)
-            try:
-                await listener.start(reuse_port=cfg.workers > 1)
-            except OSError as e:
-                raise OSError(e.errno, f"listener {lc.name} on {lc.bind}: {e.strerror or e}") from e
+            await _start_listener(listener, lc, reuse_port=cfg.workers > 1)
             self.listeners[lc.name] = listener
             log.info("listener %s (%s) on %s", lc.name, lc.mode, lc.bind)
         self._tasks.append(loop.create_task(maintain_forever(lambda: self.pools.values())))
@@ -337,7 +335,7 @@ class Daemon:
             for lc in new.listeners:
                 if lc.name not in keep_names:
                     listener = self._make_listener_for(new, lc)
-                    await listener.start(reuse_port=new.workers > 1)
+                    await _start_listener(listener, lc, reuse_port=new.workers > 1)
                     fresh[lc.name] = listener
         except BaseException:
             self.pools = old_pools
@@ -633,6 +631,16 @@ class Daemon:
         for entry, b in zip(st["backends"], pool.backends, strict=True):
             entry["health_checks"] = checker.history(b) if checker is not None else []
         return st
+
+
+async def _start_listener(
+    listener: Any, lc: config_mod.ListenerConfig, *, reuse_port: bool
+) -> None:
+    """listener.start(); a bind failure names the listener and its address."""
+    try:
+        await listener.start(reuse_port=reuse_port)
+    except OSError as e:
+        raise OSError(e.errno, f"listener {lc.name} on {lc.bind}: {e.strerror or e}") from e
 
 
 async def run_daemon(

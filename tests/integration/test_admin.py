@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -303,6 +304,25 @@ def test_reload_with_a_broken_file_keeps_the_old_config(procs):
     traffic.assert_clean(at_least=30)
     assert lb.status()["last_reload_error"] == []
     assert "reload rejected, old config keeps serving" in lb.log_text()
+
+
+def test_reload_that_cannot_bind_names_the_listener_and_address(procs):
+    lb, _ = start(procs, 1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        def add_listener(cfg: dict) -> None:
+            cfg["listeners"].append(
+                {"name": "extra", "bind": f"127.0.0.1:{port}", "routes": [{"pool": "web"}]}
+            )
+
+        rewrite(lb, add_listener)
+        code, body = lb.admin("/reload", "POST")
+    assert code != 200 and body["reloaded"] is False, body
+    assert f"listener extra on 127.0.0.1:{port}" in "\n".join(body["errors"]), body
+    assert requests.get(lb.url + "/", timeout=5).status_code == 200
 
 
 # -- auth ----------------------------------------------------------------------------------------
