@@ -49,8 +49,16 @@ class TcpUpstream(asyncio.Protocol):
         self.client.from_upstream(data)
 
     def eof_received(self) -> bool:
+        client = self.client
+        client.upstream_eof = True
+        if client.client_eof:
+            # both sides have said FIN: the session is over. False closes this transport;
+            # connection_lost then closes the client's (after what is still buffered).
+            # (Keeping both open here leaked both sockets and the connection slot until
+            # tcp_idle: a keep-alive HTTP backend behind curl did it on every request.)
+            return False
         # half-close: pass the backend's FIN on, keep reading the client
-        t = self.client.transport
+        t = client.transport
         if t is not None and t.can_write_eof() and not t.is_closing():
             t.write_eof()
             return True
@@ -83,6 +91,8 @@ class TcpClient(asyncio.Protocol):
         "admitted",
         "tried",
         "eof_pending",
+        "client_eof",
+        "upstream_eof",
         "deadline",
     )
 
@@ -98,6 +108,8 @@ class TcpClient(asyncio.Protocol):
         self.admitted = False
         self.tried: list[Backend] = []
         self.eof_pending = False  # the client half-closed before the backend connection was up
+        self.client_eof = False  # a FIN from the client
+        self.upstream_eof = False  # a FIN from the backend
         # loop time after which the watchdog ends the session: no byte either way for
         # timeouts.tcp_idle (a vanished client or a wedged backend must not hold it forever)
         self.deadline = 0.0
@@ -184,6 +196,9 @@ class TcpClient(asyncio.Protocol):
             self.transport.pause_reading()  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.upstream_eof:
+            return False  # both sides have said FIN: close (connection_lost closes upstream)
         up = self.upstream
         if up is None:
             # half-closed before the backend connection is up (`printf ... | nc -N`): pass

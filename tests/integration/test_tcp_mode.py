@@ -167,6 +167,30 @@ def test_half_close_before_the_backend_connection_is_up(procs):
             assert read_all(s) == b"hello from e1\nquick\nbye from e1\n"
 
 
+def test_a_session_ends_once_both_sides_have_sent_fin(procs):
+    # the client's FIN went on to the backend, the backend's FIN came back, and then both
+    # transports were kept open: every such session (curl through a tcp listener to a
+    # keep-alive HTTP backend did it on each request) held two sockets, a connection slot
+    # and the backend's in-flight count until tcp_idle, and made SIGTERM wait out the drain
+    lb = procs.balancer(tcp_config([("e1", echo_backend(procs, "e1"))]))
+    for _ in range(5):
+        with connect(lb.port) as s:
+            s.sendall(b"x\n")
+            s.shutdown(socket.SHUT_WR)
+            assert read_all(s) == b"hello from e1\nx\nbye from e1\n"
+    deadline = time.monotonic() + 5
+    while True:
+        st = lb.status()
+        held = st["listeners"][0]["connections"], st["pools"]["db"]["backends"][0]["inflight"]
+        if held == (0, 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert held == (0, 0), st
+    started = time.monotonic()
+    assert procs.stop(lb.proc) == 0
+    assert time.monotonic() - started < 5  # nothing left to drain
+
+
 def test_idle_session_is_closed_after_tcp_idle_and_a_busy_one_is_not(procs):
     backends = [("e1", echo_backend(procs, "e1"))]
     cfg = tcp_config(backends)
