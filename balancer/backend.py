@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 
@@ -118,3 +119,24 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r}, {self.address}, w={self.weight}, {self.state.value})"
+
+
+def parse_load(value: object) -> float | None:
+    """A load report (`X-Backend-Load` header, or the "load" of a JSON health answer) as a
+    float, or None unless it is a finite number >= 0.
+
+    Strings and bytes (the header) are parsed; from JSON only real numbers count (not bools)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        if isinstance(value, str | bytes):
+            load = float(value.strip())
+        elif isinstance(value, int | float):
+            load = float(value)
+        else:
+            return None
+    except (ValueError, OverflowError):
+        return None
+    if not math.isfinite(load) or load < 0.0:
+        return None
+    return load

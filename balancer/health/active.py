@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import random
 import time
 from collections import deque
 from typing import Any
 
-from balancer.backend import Backend
+from balancer.backend import Backend, parse_load
 from balancer.config import HealthCheckConfig
 from balancer.health.counter import RiseFall
 from balancer.pool import Pool
@@ -405,26 +404,6 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
             break  # enough read; the rest is cut off
         await reader.readline()  # the CRLF closing the chunk
     return bytes(body)
-
-
-def parse_load(value: object) -> float | None:
-    """A load report as a float, or None unless it is a finite number >= 0.
-
-    Strings (the header) are parsed; from JSON only real numbers count (not bools)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        if isinstance(value, str):
-            load = float(value.strip())
-        elif isinstance(value, int | float):
-            load = float(value)
-        else:
-            return None
-    except (ValueError, OverflowError):
-        return None
-    if not math.isfinite(load) or load < 0.0:
-        return None
-    return load
 
 
 def load_from_body(body: bytes) -> float | None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from balancer.backend import parse_load
 from balancer.proxy.http import CRLF, HOP_BY_HOP
 
 if TYPE_CHECKING:
@@ -27,10 +28,12 @@ MAX_RESPONSE_HEAD = 65536
 # Body bytes beyond this size are passed on as memoryviews rather than copied slices.
 VIEW_OVER = 4096
 
-# Hop-by-hop header lines other than Connection, in a lower-cased head: their presence sends
-# the head down the full parse (chunked framing, upgrades, and the rest are rare).
-_RARE_HOP = re.compile(
-    rb"\r\n(?:keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade):"
+# Header lines that send a lower-cased head down the full parse: the hop-by-hop ones other
+# than Connection (chunked framing, upgrades, and the rest are rare), and the backend's load
+# report, which is read and kept from the client.
+_FULL_PARSE = re.compile(
+    rb"\r\n(?:keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
+    rb"|x-backend-load):"
 )
 
 
@@ -198,7 +201,7 @@ class UpstreamConnection(asyncio.Protocol):
         end += 4
         head = data[:end]
         low = head.lower()
-        if _RARE_HOP.search(low) is None:
+        if _FULL_PARSE.search(low) is None:
             if not self._plain_head(head, low):
                 return
         elif not self._full_head(head):
@@ -374,6 +377,15 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if lname == b"content-length":
             self.content_length = int(value)
+        elif lname == b"x-backend-load":
+            # the backend's own load report rides on its answers as on its health checks
+            # (least_load's feedback); it describes the private side, so the client never
+            # sees it
+            load = parse_load(value)
+            ex = self.exchange
+            if load is not None and ex is not None and ex.backend is not None:
+                ex.backend.report_load(load)
+            return
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:

@@ -132,6 +132,27 @@ def test_least_load_follows_reported_load(procs):
     assert burst["app3"] > burst["app1"] and burst["app1"] + burst["app2"] >= 4, burst
 
 
+def test_least_load_reads_load_reports_on_proxied_answers(procs):
+    # no health_check: the only reports are the X-Backend-Load headers on answers the
+    # balancer relays (the demo backend sends one on /healthz)
+    bs = backends(procs, 3)
+    lb = procs.balancer(config(bs, pool={"strategy": "least_load"}))
+    for _name, port in bs[:2]:
+        assert requests.post(
+            f"http://127.0.0.1:{port}/_control/load", json={"load": 0.9}, timeout=5
+        ).ok
+    with requests.Session() as s:
+        for _ in range(6):
+            r = s.get(f"{lb.url}/healthz", timeout=5)
+            assert r.status_code == 200 and "X-Backend-Load" not in r.headers  # kept private
+            assert "load" in r.json()
+    loads = {b["name"]: b["reported_load"] for b in lb.status()["pools"]["web"]["backends"]}
+    assert loads["app1"] == 0.9 and loads["app2"] == 0.9 and loads["app3"] < 0.5, loads
+    with requests.Session() as s:
+        got = Counter(who(s.get(f"{lb.url}/echo", timeout=5)) for _ in range(20))
+    assert got["app3"] == 20, got  # sequential short requests never look busier than 0.9
+
+
 def test_random_two_prefers_the_less_loaded(procs):
     slow = procs.demo_backend("slow", "--latency", "300ms")
     fast1 = procs.demo_backend("fast1")

@@ -8,10 +8,10 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from balancer.backend import Backend
+from balancer.backend import Backend, parse_load
 from balancer.config import Address, BackendConfig, HealthCheckConfig, PoolConfig
 from balancer.health import ActiveChecker, maintain_forever
-from balancer.health.active import load_from_body, parse_load
+from balancer.health.active import load_from_body
 from balancer.pool import Pool, PoolEvents
 
 Answer = bytes | Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
