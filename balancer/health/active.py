@@ -21,9 +21,11 @@ HISTORY_LENGTH = 10  # results kept per backend for /status and the dashboard
 MAX_BODY = 64 * 1024  # body bytes read for the load report; the rest is ignored
 MAX_HEAD = 64 * 1024  # status line plus headers; beyond this the answer is malformed
 # The first check of each backend waits a random share of the interval (at most this
-# fraction) so that the checks of a large pool do not all fire in the same tick; a small
-# share keeps a runtime-added backend, which is down until checked, waiting only briefly.
+# fraction, and never more than FIRST_CHECK_MAX_DELAY) so that the checks of a large pool do
+# not all fire in the same tick; the cap keeps a runtime-added backend, which is down until
+# checked, from waiting minutes when the interval is long (6 min at `interval: 1h`).
 FIRST_CHECK_JITTER = 0.1
+FIRST_CHECK_MAX_DELAY = 1.0
 
 
 class CheckFailed(Exception):
@@ -176,7 +178,7 @@ class ActiveChecker:
     async def _run(self, target: _Target) -> None:
         interval = self.config.interval
         loop = asyncio.get_running_loop()
-        await asyncio.sleep(random.uniform(0.0, interval * FIRST_CHECK_JITTER))
+        await asyncio.sleep(first_check_delay(interval))
         while True:
             started = loop.time()
             try:
@@ -404,6 +406,11 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
             break  # enough read; the rest is cut off
         await reader.readline()  # the CRLF closing the chunk
     return bytes(body)
+
+
+def first_check_delay(interval: float) -> float:
+    """How long a backend's first check waits: a random spread, short whatever the interval."""
+    return random.uniform(0.0, min(interval * FIRST_CHECK_JITTER, FIRST_CHECK_MAX_DELAY))
 
 
 def load_from_body(body: bytes) -> float | None:

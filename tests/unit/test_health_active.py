@@ -11,7 +11,7 @@ import pytest
 from balancer.backend import Backend, parse_load
 from balancer.config import Address, BackendConfig, HealthCheckConfig, PoolConfig
 from balancer.health import ActiveChecker, maintain_forever
-from balancer.health.active import load_from_body
+from balancer.health.active import first_check_delay, load_from_body
 from balancer.pool import Pool, PoolEvents
 
 Answer = bytes | Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -518,3 +518,12 @@ def test_maintain_forever_drives_real_pool_ejection_expiry() -> None:
 def test_maintain_forever_rejects_bad_period() -> None:
     with pytest.raises(ValueError):
         run(maintain_forever([], period=0))
+
+
+def test_first_check_waits_a_short_random_spread_whatever_the_interval() -> None:
+    # spread over a tenth of a short interval, but never minutes for a long one: a backend
+    # added at runtime is down until its first check
+    short = [first_check_delay(2.0) for _ in range(2000)]
+    assert min(short) >= 0.0 and max(short) <= 0.2 and max(short) > 0.1
+    long = [first_check_delay(3600.0) for _ in range(2000)]
+    assert max(long) <= 1.0 and max(long) > 0.5
