@@ -428,9 +428,8 @@ class ClientProtocol(asyncio.Protocol):
         elif kind in (DL_HEAD, DL_BODY):
             if self.active is not None and self.parsing is None and kind == DL_HEAD:
                 return  # the head finished; the response is the backend's business now
-            if self.active is None and self.parsing is None:
-                self.close()  # not one byte of a request since the accept: close quietly
-                return
+            # including a new connection that sent nothing at all: "too slow to send its
+            # headers" (HAProxy's default too; only an idle keep-alive one closes quietly)
             self.reject(408, "client too slow to send its request")
         elif kind == DL_TUNNEL:
             self.close()
