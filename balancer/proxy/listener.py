@@ -13,6 +13,7 @@ from collections.abc import Coroutine
 
 from balancer.config import ListenerConfig, TimeoutsConfig
 from balancer.proxy.client import ClientProtocol
+from balancer.proxy.http import local_response
 from balancer.proxy.limits import ClientLimits
 from balancer.proxy.observe import Observer
 from balancer.proxy.routing import Router
@@ -26,6 +27,32 @@ ACCEPT_RETRY_DELAY = 0.1  # accepting pauses this long after running out of desc
 # accept() errors that concern one client only (it reset while queued): go on accepting
 _CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+PLAIN_HTTP_ON_TLS = local_response(400, "plain HTTP request sent to the HTTPS port")
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _answer_and_close(conn: socket.socket, response: bytes) -> None:
+    """Send a last answer on a raw accepted socket and close it without a reset.
+
+    The socket is still in blocking mode, so every call says MSG_DONTWAIT. What the client
+    sent is read first: unread bytes at close() make the kernel send RST, and the client
+    could lose the answer."""
+    try:
+        for _ in range(16):
+            if not conn.recv(65536, socket.MSG_DONTWAIT):
+                break
+    except OSError:
+        pass  # nothing more to read now (or the client is gone)
+    try:
+        conn.send(response, socket.MSG_DONTWAIT)
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    conn.close()
 
 
 class Listener(ABC):
@@ -155,15 +182,45 @@ class Listener(ABC):
         self._adopt_failed(conn, ip)
 
     async def _adopt_tls(self, conn: socket.socket, ip: str) -> None:
+        loop = self.loop
+        timeout = self.handshake_timeout
+        started = loop.time()
         try:
-            await self.loop.connect_accepted_socket(
+            first = await asyncio.wait_for(self._peek(conn), timeout)
+            if first[:1].isalpha():
+                # "GET / HTTP/1.1" where a TLS record (0x16) belongs: a plain HTTP client on
+                # the HTTPS port gets told so, as nginx does, instead of a dropped connection
+                self.rejected += 1
+                _answer_and_close(conn, PLAIN_HTTP_ON_TLS)
+                self.limits.release(ip)
+                return
+            if timeout is not None:
+                timeout = max(0.001, timeout - (loop.time() - started))
+            await loop.connect_accepted_socket(
                 lambda: self.protocol(ip),
                 conn,
                 ssl=self.ssl_context,
-                ssl_handshake_timeout=self.handshake_timeout,
+                ssl_handshake_timeout=timeout,
             )
         except (TimeoutError, OSError, ssl.SSLError):
             self._adopt_failed(conn, ip)
+
+    async def _peek(self, conn: socket.socket) -> bytes:
+        """The first bytes a new client sent, left in the socket for the TLS handshake
+        (the accepted socket is still in blocking mode until the transport adopts it)."""
+        loop = self.loop
+        fd = conn.fileno()
+        while True:
+            try:
+                return conn.recv(8, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            ready = loop.create_future()
+            loop.add_reader(fd, _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
 
     def _adopt_failed(self, conn: socket.socket, ip: str) -> None:
         # a failed or stalled handshake, or a client gone already: the protocol never

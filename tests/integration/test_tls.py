@@ -398,6 +398,23 @@ def test_stalled_handshake_is_closed_at_the_header_timeout(procs, ca):
         assert time.monotonic() - t0 < 3
 
 
+def test_plain_http_on_the_tls_port_gets_a_clear_400(procs, ca):
+    backend = procs.demo_backend("app")
+    cfg = tls_config(backend, [write_cert(ca.issue_cert("a.test", key_type=RSA), procs.tmp, "a")])
+    lb = procs.balancer(cfg)
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as s:
+            s.sendall(b"GET /echo HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 400 "), data
+        assert b"plain HTTP request sent to the HTTPS port" in data
+    assert lb.status()["listeners"][0]["rejected"] == 2
+    status, _, _, _ = https_get(lb.port, "a.test", client_context(ca))
+    assert status == 200  # TLS clients are served as before
+
+
 def test_unfinished_handshakes_count_against_max_connections(procs, ca):
     # connections are counted at accept, before their handshake: a flood of clients that
     # never finish the handshake can't exceed limits.max_connections
