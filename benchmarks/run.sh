@@ -20,6 +20,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install --quiet -e ".[bench]"
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet -e ".[bench]"  # no editable-install warning noise
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 exec .venv/bin/python benchmarks/bench.py "$@"
