@@ -11,7 +11,6 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from balancer import config as config_mod
 from balancer import sticky
@@ -20,7 +19,7 @@ from balancer.config import Address, BackendConfig, Config, ConfigError, PoolCon
 from balancer.health import ActiveChecker, maintain_forever
 from balancer.pool import Pool, PoolEvents, backend_from_config
 from balancer.proxy.limits import ClientLimits
-from balancer.proxy.listener import HttpListener
+from balancer.proxy.listener import HttpListener, Listener
 from balancer.proxy.observe import AccessLog, Observer
 from balancer.proxy.routing import Router
 from balancer.proxy.upstream import Upstreams, Watchdog
@@ -634,7 +633,7 @@ class Daemon:
 
 
 async def _start_listener(
-    listener: Any, lc: config_mod.ListenerConfig, *, reuse_port: bool
+    listener: Listener, lc: config_mod.ListenerConfig, *, reuse_port: bool
 ) -> None:
     """listener.start(); a bind failure names the listener and its address."""
     try:
