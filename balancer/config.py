@@ -657,11 +657,28 @@ def _log_format(value: object) -> str:
 def _virtual_ip(value: object) -> str:
     text = _string(value)
     try:
-        return str(ipaddress.ip_interface(text.strip()))
+        vip = ipaddress.ip_interface(text.strip())
     except ValueError:
         raise ValueError(
             f"expected an address with prefix such as '198.18.0.100/24', got {text!r}"
         ) from None
+    if vip.version != 4:
+        # the VIP is announced with gratuitous ARP, which IPv6 does not have
+        raise ValueError(f"only an IPv4 virtual IP is supported, got {text!r}")
+    return str(vip)
+
+
+def _ha_node_id(value: object) -> str:
+    # every heartbeat carries it; a longer one could not be sent (imported here: heartbeat
+    # imports this module)
+    from balancer.ha.heartbeat import MAX_NODE_ID_BYTES
+
+    text = _name(value)
+    if len(text.encode()) > MAX_NODE_ID_BYTES:
+        raise ValueError(
+            f"a node_id is at most {MAX_NODE_ID_BYTES} bytes, got {len(text.encode())}"
+        )
+    return text
 
 
 def _interface(value: object) -> str:
@@ -902,6 +919,23 @@ class _Parser:
         reason = _unreadable(path)
         if reason is not None:
             raise ValueError(f"cannot read {path}: {reason}")
+        return path
+
+    def ha_key_file(self, value: object) -> str:
+        """The HA auth_key_file: readable, and holding a key long enough for `balancer run`."""
+        from balancer.ha.heartbeat import MIN_KEY_BYTES
+
+        path = self.readable_path(value)
+        try:
+            with open(path, "rb") as f:
+                size = len(f.read().strip())
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+        if size < MIN_KEY_BYTES:
+            raise ValueError(
+                f"{path} holds a {size}-byte key; the HA key must be at least {MIN_KEY_BYTES}"
+                " bytes (head -c 32 /dev/urandom | base64 > FILE)"
+            )
         return path
 
     def path_in_existing_dir(self, value: object) -> str:
@@ -1424,10 +1458,10 @@ class _Parser:
         if not s.ok:
             return None
         required = {
-            "node_id": _name,
+            "node_id": _ha_node_id,
             "interface": _interface,
             "virtual_ip": _virtual_ip,
-            "auth_key_file": self.readable_path,
+            "auth_key_file": self.ha_key_file,
         }
         values = {key: s.get(key, convert, required=True) for key, convert in required.items()}
         peers: list[Address] = []

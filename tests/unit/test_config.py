@@ -230,7 +230,7 @@ def test_section_defaults_when_given_empty() -> None:
 
 def test_every_key_is_read(all_strategies: None, certs: dict[str, str], tmp_path: Path) -> None:
     key_file = tmp_path / "ha.key"
-    key_file.write_bytes(b"secret")
+    key_file.write_bytes(b"secret-ha-key-0123456789")
     token_file = tmp_path / "admin.token"
     token_file.write_text("t0ken\n")
     text = f"""\
@@ -349,7 +349,7 @@ def ha_text(body: str) -> str:
 
 
 def test_ha_defaults(tmp_path: Path) -> None:
-    (tmp_path / "ha.key").write_bytes(b"k")
+    (tmp_path / "ha.key").write_bytes(b"k" * 32)
     body = """\
         node_id: lb1
         interface: eth0
@@ -1520,7 +1520,7 @@ def test_workers(value: str, fragment: str) -> None:
 @pytest.fixture
 def ha_key(tmp_path: Path) -> str:
     path = tmp_path / "ha.key"
-    path.write_bytes(b"k")
+    path.write_bytes(b"k" * 32)
     return str(path)
 
 
@@ -1556,6 +1556,8 @@ def test_ha_required_keys_are_all_reported() -> None:
         ({"priority": "255"}, "priority", "must be 1..254, got 255"),
         ({"virtual_ip": "198.18.0.300/24"}, "virtual_ip", "expected an address with prefix"),
         ({"virtual_ip": "198.18.0.1/40"}, "virtual_ip", "expected an address with prefix"),
+        ({"virtual_ip": "2001:db8::1/64"}, "virtual_ip", "only an IPv4 virtual IP is supported"),
+        ({"node_id": "n" * 65}, "node_id", "a node_id is at most 64 bytes, got 65"),
         (
             {"auth_key_file": "/nonexistent/ha.key"},
             "auth_key_file",
@@ -1586,6 +1588,19 @@ def test_ha_fields(ha_key: str, change: dict[str, str], location: str, fragment:
     lines = ha_body(ha_key, **change).splitlines()
     marked = "".join(line + ("   # <-\n" if line.startswith(f"{key}:") else "\n") for line in lines)
     expect(ha_text(marked), f"ha.{location}", fragment)
+
+
+def test_ha_key_file_too_short_for_run_is_a_located_problem(tmp_path: Path) -> None:
+    # `balancer run` refuses a key under 16 bytes; check must say so rather than pass it
+    short = tmp_path / "short.key"
+    short.write_text("secret\n")
+    lines = ha_body(str(short)).splitlines()
+    marked = "".join(
+        line + ("   # <-\n" if line.startswith("auth_key_file:") else "\n") for line in lines
+    )
+    expect(
+        ha_text(marked), "ha.auth_key_file", "holds a 6-byte key; the HA key must be at least 16"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1637,7 +1652,7 @@ def test_relative_paths_resolve_against_the_config_file(
     (etc / "tls").mkdir(parents=True)
     shutil.copy(certs["cert"], etc / "tls" / "site.pem")
     shutil.copy(certs["key"], etc / "tls" / "site.key")
-    (etc / "ha.key").write_bytes(b"k")
+    (etc / "ha.key").write_bytes(b"k" * 32)
     (etc / "admin.token").write_text("t")
     (etc / "logs").mkdir()
     (etc / "lb.yaml").write_text(
@@ -1694,7 +1709,7 @@ def test_example_config_parses(all_strategies: None, certs: dict[str, str], tmp_
     etc.mkdir()
     shutil.copy(certs["cert"], etc / "site.pem")
     shutil.copy(certs["key"], etc / "site.key")
-    (etc / "ha.key").write_bytes(b"k")
+    (etc / "ha.key").write_bytes(b"k" * 32)
     config = parse("\n".join(lines).replace("/etc/balancer/", f"{etc}/"), source="balancer.yaml")
 
     assert [listener.name for listener in config.listeners] == ["http", "https", "redirect", "db"]
