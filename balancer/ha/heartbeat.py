@@ -60,6 +60,15 @@ STALE = "stale"  # timestamp outside the clock window
 REPLAY = "replay"  # (epoch, seq) not newer than the last accepted from that node
 SELF = "self"  # our own node_id: a loop or a copied config
 REJECT_REASONS = (UNKNOWN_PEER, MALFORMED, BAD_VERSION, BAD_AUTH, STALE, REPLAY, SELF)
+# What an operator most likely has to fix, logged with the first rejection of each kind.
+_REJECT_HINTS = {
+    UNKNOWN_PEER: "its address is not in ha.peers",
+    BAD_AUTH: "a different auth_key_file on the two nodes, or forged",
+    STALE: "the two nodes' clocks differ: run NTP",
+    SELF: "both nodes have the same node_id",
+}
+REJECT_LOG_INTERVAL = 60.0  # a warning per sender and reason at most this often; all are counted
+_REJECT_LOG_KEYS = 256  # bound on the (sender, reason) pairs remembered for that
 
 
 class Rejected(Exception):
@@ -243,6 +252,7 @@ class HeartbeatEndpoint:
         self.received = 0
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.crashes_detected = 0
+        self._reject_logged: dict[tuple[str, str], float] = {}
 
     @property
     def peer_hosts(self) -> dict[Address, str]:
@@ -333,13 +343,35 @@ class HeartbeatEndpoint:
             hb = self._check(data, host)
         except Rejected as e:
             self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
-            log.debug("heartbeat from %s rejected: %s", host, e)
+            self._log_rejected(host, e)
             return
         self.received += 1
         for link in self._links:
             if link.host == host:
                 link.down = False
         self._on_heartbeat(hb, host, self._clock())
+
+    def _log_rejected(self, host: str, e: Rejected) -> None:
+        """A warning, not just a counter: with mismatched keys or peers each node believes it is
+        alone and both take the VIP, and the log must say why. Rate-limited against floods."""
+        now = self._clock()
+        key = (host, e.reason)
+        last = self._reject_logged.get(key)
+        if last is not None and now - last < REJECT_LOG_INTERVAL:
+            log.debug("heartbeat from %s rejected: %s", host, e)
+            return
+        if len(self._reject_logged) >= _REJECT_LOG_KEYS:
+            self._reject_logged.clear()
+        self._reject_logged[key] = now
+        hint = _REJECT_HINTS.get(e.reason)
+        log.warning(
+            "heartbeat from %s rejected: %s%s (further ones counted in /status"
+            " ha.heartbeats.rejected, logged again in %.0fs)",
+            host,
+            e,
+            f"; {hint}" if hint else "",
+            REJECT_LOG_INTERVAL,
+        )
 
     def _check(self, data: bytes, host: str) -> Heartbeat:
         if host not in self._peer_hosts:

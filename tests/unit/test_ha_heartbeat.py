@@ -297,6 +297,37 @@ def test_bad_datagrams_are_rejected_and_counted_by_reason(run) -> None:
     run(main())
 
 
+def test_rejections_are_logged_once_per_sender_and_reason(run, caplog) -> None:
+    # A peer with another key is otherwise invisible: both nodes take the VIP, and only a
+    # counter in /status said why.
+    async def main() -> None:
+        pb = free_udp_port()
+        b = endpoint("lb2", pb, [free_udp_port()], Inbox())
+        await b.start()
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stranger.bind(("127.0.0.9", 0))
+        try:
+            for seq in range(1, 4):
+                peer.sendto(encode(heartbeat(seq=seq), OTHER_KEY), ("127.0.0.1", pb))
+                stranger.sendto(encode(heartbeat(seq=seq), KEY), ("127.0.0.1", pb))
+            await settle(b, 6)
+        finally:
+            peer.close()
+            stranger.close()
+            b.close()
+
+    with caplog.at_level("WARNING", logger="balancer.ha"):
+        run(main())
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    auth = next(w for w in warnings if "127.0.0.1" in w)
+    assert "auth" in auth and "a different auth_key_file on the two nodes" in auth
+    stranger_warning = next(w for w in warnings if "127.0.0.9" in w)
+    assert "not in ha.peers" in stranger_warning
+
+
 def test_restarted_peer_with_new_epoch_is_accepted_old_epoch_is_a_replay(run) -> None:
     async def main() -> None:
         clock = [100.0]
