@@ -284,7 +284,7 @@ class Daemon:
             return ["no config file to reload (started without one)"]
         try:
             new = config_mod.load(source)
-            _check_workers_change(self.config, new)
+            _check_reloadable(self.config, new)
         except ConfigError as e:
             problems = [str(p) for p in e.problems]
             self.last_reload_error = problems
@@ -703,21 +703,35 @@ def process_limits(cfg: Config) -> config_mod.LimitsConfig:
     return limits
 
 
-def _check_workers_change(old: Config, new: Config) -> None:
-    """Going from one process to several (or back) needs a restart: listener sockets join a
-    SO_REUSEPORT group only when bound with it, so the running ones can't be shared."""
+def _check_reloadable(old: Config, new: Config) -> None:
+    """The settings a reload cannot apply to a running daemon: a file changing them is
+    rejected as a whole, with the reason, rather than reloaded with them silently kept."""
+    problems = []
     if (old.workers > 1) != (new.workers > 1):
-        raise ConfigError(
-            [
-                config_mod.Problem(
-                    "workers",
-                    f"changing workers from {old.workers} to {new.workers} needs a restart"
-                    " (between one process and several, listener sockets must be bound anew)",
-                    None,
-                    new.source,
-                )
-            ]
+        # listener sockets join a SO_REUSEPORT group only when bound with it
+        problems.append(
+            config_mod.Problem(
+                "workers",
+                f"changing workers from {old.workers} to {new.workers} needs a restart"
+                " (between one process and several, listener sockets must be bound anew)",
+                None,
+                new.source,
+            )
         )
+    if old.ha != new.ha:
+        # the VIP, its interface, the heartbeat socket and the peer's view of this node are
+        # set up once; in a pair, restart one node at a time (SIGTERM hands the VIP over)
+        problems.append(
+            config_mod.Problem(
+                "ha",
+                "changes to the ha section need a restart (restart one node of the pair at a"
+                " time: SIGTERM on the active hands the virtual IP over to its peer)",
+                None,
+                new.source,
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
 
 
 class _NotifyingEvents(PoolEvents):

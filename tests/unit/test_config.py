@@ -376,6 +376,30 @@ def test_ha_defaults(tmp_path: Path) -> None:
     assert ha is not None and ha.dead_after == pytest.approx(0.6)
 
 
+def test_reload_refuses_what_only_a_restart_can_apply(tmp_path: Path) -> None:
+    # a reload changing the ha section (or going between one process and several) is
+    # rejected with the reason, not applied with those settings silently kept
+    from balancer.daemon import _check_reloadable
+
+    (tmp_path / "ha.key").write_bytes(b"k" * 32)
+    body = """\
+        node_id: lb1
+        interface: eth0
+        virtual_ip: 198.18.0.100
+        peers: ["198.18.0.12:5405"]
+        auth_key_file: ha.key
+        priority: {prio}
+        """
+    old = parse(ha_text(body.format(prio=150)), base_dir=str(tmp_path))
+    _check_reloadable(old, parse(ha_text(body.format(prio=150)), base_dir=str(tmp_path)))
+    with pytest.raises(ConfigError) as e:
+        _check_reloadable(old, parse(ha_text(body.format(prio=100)), base_dir=str(tmp_path)))
+    assert [(p.location, "a restart" in p.message) for p in e.value.problems] == [("ha", True)]
+    with pytest.raises(ConfigError) as e:
+        _check_reloadable(old, parse(MINIMAL + "workers: 2\n"))
+    assert [p.location for p in e.value.problems] == ["workers", "ha"]
+
+
 def test_access_log_off_unquoted_is_off() -> None:
     # YAML 1.1 reads `off` as false; the operator meant the format
     assert parse(MINIMAL + "access_log: {format: off}\n").access_log.format == "off"
