@@ -58,7 +58,10 @@ _FROM_URLSAFE = bytes.maketrans(b"-_+/", b"+/-_")  # "+" and "/" become invalid,
 # at once rather than one old ttl later.
 CLOCK_SKEW = 300.0
 
-MIN_KEY_BYTES = 16
+# Keys shorter than this are accepted (an operator's passphrase shared by an HA pair must not
+# keep the balancer from starting) but logged as weak: an HMAC key can be guessed offline
+# from one cookie. Generated keys are NEW_KEY_BYTES of randomness.
+STRONG_KEY_BYTES = 16
 VERIFIED_CACHE = 10000  # verified cookie values remembered per pool
 NEW_KEY_BYTES = 32
 
@@ -69,9 +72,8 @@ class StickyCodec:
     def __init__(self, keys: Sequence[bytes], pool: str, ttl: float) -> None:
         if not keys:
             raise ValueError("sticky: at least one key is needed")
-        for key in keys:
-            if len(key) < MIN_KEY_BYTES:
-                raise ValueError(f"sticky: a key must be at least {MIN_KEY_BYTES} bytes")
+        if not all(keys):
+            raise ValueError("sticky: a key must not be empty")
         if not 0 < ttl < 2**31:
             raise ValueError(f"sticky: ttl must be positive seconds, not {ttl!r}")
         self.pool = pool
@@ -209,19 +211,26 @@ _OPAD = bytes(b ^ 0x5C for b in range(256))
 
 def parse_keys(text: str, source: str = "key file") -> list[bytes]:
     """Keys from key-file text: one a line, hex or base64 (standard or url-safe, padding
-    optional), at least 16 bytes each; blank lines and lines starting with # are skipped.
-    A line of an even number of hex digits is read as hex. The first key is the current."""
+    optional) of at least 16 bytes; any other line is a passphrase, its text the key (weak
+    ones are logged). Blank lines and lines starting with # are skipped. A line of an even
+    number of hex digits is read as hex. The first key is the current."""
     keys: list[bytes] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         key = _parse_key(line)
-        if key is None:
-            raise ValueError(f"{source}:{lineno}: not a hex or base64 key")
-        if len(key) < MIN_KEY_BYTES:
-            raise ValueError(
-                f"{source}:{lineno}: key is {len(key)} bytes, at least {MIN_KEY_BYTES} needed"
+        if key is None or len(key) < STRONG_KEY_BYTES:
+            # not hex or base64 of a real key: the line itself is the key (a passphrase)
+            key = line.encode("utf-8")
+        if len(key) < STRONG_KEY_BYTES:
+            log.warning(
+                "sticky: %s:%d: a %d-byte key is weak; use at least %d random bytes"
+                " (openssl rand -hex 32)",
+                source,
+                lineno,
+                len(key),
+                STRONG_KEY_BYTES,
             )
         keys.append(key)
     if not keys:
@@ -301,9 +310,10 @@ def keys_from_bytes(data: bytes, source: str = "key file") -> list[bytes]:
         text = None
     if text is None or any(c < " " and c not in "\t\r\n" for c in text):
         key = data.strip()
-        if len(key) < MIN_KEY_BYTES:
+        if len(key) < STRONG_KEY_BYTES:
             raise ValueError(
-                f"{source}: a raw (binary) key is {len(key)} bytes, at least {MIN_KEY_BYTES} needed"
+                f"{source}: a raw (binary) key is {len(key)} bytes,"
+                f" at least {STRONG_KEY_BYTES} needed"
             )
         return [key]
     return parse_keys(text, source)

@@ -39,7 +39,10 @@ log = logging.getLogger("balancer.ha")
 
 MAGIC = b"BLHA"
 VERSION = 1
-MIN_KEY_BYTES = 16
+# A shorter key is accepted (a keepalived-style password must not keep the pair from
+# forming) but logged as weak: heartbeats are HMAC-signed, and a short key can be guessed
+# offline from one captured datagram.
+STRONG_KEY_BYTES = 16
 MAX_NODE_ID_BYTES = 64
 
 FLAG_RESIGNING = 0x01
@@ -108,8 +111,15 @@ def load_key(path: str) -> bytes:
     with open(path, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
         key = f.read().strip()
-    if len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"{path}: the HA key must be at least {MIN_KEY_BYTES} bytes")
+    if not key:
+        raise ValueError(f"{path}: the HA key file is empty")
+    if len(key) < STRONG_KEY_BYTES:
+        log.warning(
+            "%s: a %d-byte HA key is weak; use at least %d random bytes (openssl rand -hex 32)",
+            path,
+            len(key),
+            STRONG_KEY_BYTES,
+        )
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("%s: the HA key file is readable by group or others; chmod 600 it", path)
     return key
@@ -225,8 +235,8 @@ class HeartbeatEndpoint:
         confirm_window: float = 0.05,
         incarnation_timeout: float = 3.0,
     ) -> None:
-        if len(key) < MIN_KEY_BYTES:
-            raise ValueError(f"the HA key must be at least {MIN_KEY_BYTES} bytes")
+        if not key:
+            raise ValueError("the HA key must not be empty")
         self.node_id = node_id
         self.bind = bind
         self.peers = tuple(peers)

@@ -1425,18 +1425,22 @@ def test_sticky_fields(sticky: str, location: str, fragment: str) -> None:
 
 def test_sticky_key_file_that_holds_no_key_is_a_located_problem(tmp_path: Path) -> None:
     # `balancer check` passed such a file and `balancer run` then died in a traceback
-    (tmp_path / "bad.key").write_text("not a key!\n")
+    (tmp_path / "bad.key").write_text("# only a comment\n")
     problem = expect(
         pool(f"sticky: {{key_file: {tmp_path}/bad.key}}   # <-\n" + ONE_BACKEND),
         "pools.web.sticky.key_file",
-        "bad.key:1: not a hex or base64 key",
+        "bad.key: no key in the file",
     )
     assert problem.line is not None
     # the key kept beside the config when key_file is not set is checked the same way
-    (tmp_path / "sticky.key").write_text("abcd\n")
+    (tmp_path / "sticky.key").write_text("\n")
     found = problems_of(pool("sticky: {cookie: SRV}\n" + ONE_BACKEND), base_dir=str(tmp_path))
     assert [p.location for p in found] == ["pools.web.sticky"]
-    assert "sticky.key:1: key is 2 bytes, at least 16 needed" in found[0].message
+    assert "sticky.key: no key in the file" in found[0].message
+    # a passphrase is a key (weak ones are logged when the daemon loads them)
+    (tmp_path / "pass.key").write_text("not a key!\n")
+    cfg = parse(pool(f"sticky: {{key_file: {tmp_path}/pass.key}}\n" + ONE_BACKEND))
+    assert cfg.pools["web"].sticky is not None
     # a raw binary key (as `openssl rand 32 > key`, like the HA auth_key_file) is a key
     (tmp_path / "raw.key").write_bytes(b"\xff\x00" * 16)
     cfg = parse(pool(f"sticky: {{key_file: {tmp_path}/raw.key}}\n" + ONE_BACKEND))
@@ -1614,17 +1618,19 @@ def test_ha_fields(ha_key: str, change: dict[str, str], location: str, fragment:
     expect(ha_text(marked), f"ha.{location}", fragment)
 
 
-def test_ha_key_file_too_short_for_run_is_a_located_problem(tmp_path: Path) -> None:
-    # `balancer run` refuses a key under 16 bytes; check must say so rather than pass it
-    short = tmp_path / "short.key"
-    short.write_text("secret\n")
-    lines = ha_body(str(short)).splitlines()
+def test_ha_key_file_empty_is_a_located_problem_and_a_short_one_passes(tmp_path: Path) -> None:
+    # `balancer run` refuses an empty key; a short password (keepalived style) it accepts
+    # with a warning, so check must not refuse it either
+    empty = tmp_path / "empty.key"
+    empty.write_text("\n")
+    lines = ha_body(str(empty)).splitlines()
     marked = "".join(
         line + ("   # <-\n" if line.startswith("auth_key_file:") else "\n") for line in lines
     )
-    expect(
-        ha_text(marked), "ha.auth_key_file", "holds a 6-byte key; the HA key must be at least 16"
-    )
+    expect(ha_text(marked), "ha.auth_key_file", "holds no key")
+    short = tmp_path / "short.key"
+    short.write_text("secret\n")
+    assert parse(ha_text(ha_body(str(short)))).ha.auth_key_file == str(short)
 
 
 # ---------------------------------------------------------------------------------------------

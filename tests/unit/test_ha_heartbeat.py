@@ -121,15 +121,23 @@ def test_authenticated_but_inconsistent_fields_are_malformed() -> None:
     assert reason_of(remac(bad_utf8)) == hbmod.MALFORMED
 
 
-def test_load_key_strips_whitespace_and_wants_16_bytes(tmp_path) -> None:
+def test_load_key_strips_whitespace_and_calls_short_keys_weak(tmp_path, caplog) -> None:
     good = tmp_path / "ha.key"
     good.write_bytes(b"  0123456789abcdef\n")
     good.chmod(0o600)
-    assert load_key(str(good)) == b"0123456789abcdef"
+    with caplog.at_level("WARNING", logger="balancer.ha"):
+        assert load_key(str(good)) == b"0123456789abcdef"
+    assert "weak" not in caplog.text
     short = tmp_path / "short.key"
-    short.write_bytes(b"0123456789abcde \n\n")
-    with pytest.raises(ValueError, match="at least 16 bytes"):
-        load_key(str(short))
+    short.write_bytes(b"secret \n\n")
+    short.chmod(0o600)
+    with caplog.at_level("WARNING", logger="balancer.ha"):
+        assert load_key(str(short)) == b"secret"
+    assert "a 6-byte HA key is weak" in caplog.text
+    empty = tmp_path / "empty.key"
+    empty.write_bytes(b" \n")
+    with pytest.raises(ValueError, match="empty"):
+        load_key(str(empty))
     with pytest.raises(FileNotFoundError):
         load_key(str(tmp_path / "missing.key"))
 
@@ -143,11 +151,11 @@ def test_load_key_warns_about_loose_permissions(tmp_path, caplog) -> None:
     assert "chmod 600" in caplog.text
 
 
-def test_endpoint_refuses_a_short_key() -> None:
+def test_endpoint_refuses_an_empty_key() -> None:
     with pytest.raises(ValueError):
         HeartbeatEndpoint(
             node_id="a",
-            key=b"short",
+            key=b"",
             bind=Address("127.0.0.1", 0),
             peers=(),
             on_heartbeat=lambda *a: None,
