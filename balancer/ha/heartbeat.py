@@ -71,6 +71,7 @@ _REJECT_HINTS = {
     SELF: "both nodes have the same node_id",
 }
 REJECT_LOG_INTERVAL = 60.0  # a warning per sender and reason at most this often; all are counted
+REJECT_LOG_BURST = 20  # and at most this many per interval in all (spoofed sources vary)
 _REJECT_LOG_KEYS = 256  # bound on the (sender, reason) pairs remembered for that
 
 
@@ -263,6 +264,7 @@ class HeartbeatEndpoint:
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.crashes_detected = 0
         self._reject_logged: dict[tuple[str, str], float] = {}
+        self._reject_window = (0.0, 0)  # (start, warnings logged in it)
 
     @property
     def peer_hosts(self) -> dict[Address, str]:
@@ -367,9 +369,13 @@ class HeartbeatEndpoint:
         now = self._clock()
         key = (host, e.reason)
         last = self._reject_logged.get(key)
-        if last is not None and now - last < REJECT_LOG_INTERVAL:
+        start, logged = self._reject_window
+        if now - start >= REJECT_LOG_INTERVAL:
+            start, logged = now, 0
+        if (last is not None and now - last < REJECT_LOG_INTERVAL) or logged >= REJECT_LOG_BURST:
             log.debug("heartbeat from %s rejected: %s", host, e)
             return
+        self._reject_window = (start, logged + 1)
         if len(self._reject_logged) >= _REJECT_LOG_KEYS:
             self._reject_logged.clear()
         self._reject_logged[key] = now

@@ -472,3 +472,28 @@ def test_dual_stack_listener_accepts_ipv4_peers(run) -> None:
             b.close()
 
     run(main())
+
+
+def test_rejection_warnings_are_capped_whatever_the_senders(run, caplog) -> None:
+    # spoofed datagrams from ever new source addresses must not flood the log
+    async def main() -> None:
+        pb = free_udp_port()
+        b = endpoint("lb2", pb, [free_udp_port()], Inbox())
+        await b.start()
+        senders = []
+        try:
+            for i in range(1, hbmod.REJECT_LOG_BURST + 11):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.bind((f"127.0.1.{i}", 0))
+                senders.append(s)
+                s.sendto(encode(heartbeat(seq=i), KEY), ("127.0.0.1", pb))
+            await settle(b, hbmod.REJECT_LOG_BURST + 10)
+        finally:
+            for s in senders:
+                s.close()
+            b.close()
+
+    with caplog.at_level("WARNING", logger="balancer.ha"):
+        run(main())
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == hbmod.REJECT_LOG_BURST
