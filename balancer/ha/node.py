@@ -180,7 +180,11 @@ class HaNode:
             held = self._want_vip
             self._successor_seen.clear()
             self._apply(self._machine.handle(ResignRequested(self._clock())))
-            if held:
+            if held and not self._machine.any_live_peer(self._clock()):
+                # nobody to hand over to (the peer crashed or went silent): waiting out
+                # dead_after for a successor would only delay the drain and the exit
+                log.warning("ha: no live peer to take over; draining, then releasing the VIP")
+            elif held:
                 # Release only once a successor holds the VIP, so new connections never find
                 # nobody; the peer's gratuitous ARP has moved clients by then.
                 try:

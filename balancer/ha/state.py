@@ -252,6 +252,10 @@ class FailoverMachine:
     def live(self, peer: PeerView, now: float) -> bool:
         return not peer.crashed and now - peer.last_seen < self.dead_after
 
+    def any_live_peer(self, now: float) -> bool:
+        """Whether some peer could still take over (heard within dead_after, not crashed)."""
+        return any(self.live(peer, now) for peer in self.peers.values())
+
     def active_peer(self, now: float) -> PeerView | None:
         """A live peer that claims the role (a successor, when we are handing over)."""
         for peer in self.peers.values():

@@ -262,6 +262,24 @@ def test_shutdown_of_active_hands_over_then_drains_then_releases(run, key_file: 
     run(main())
 
 
+def test_shutdown_of_a_lone_active_does_not_wait_for_a_successor(run, key_file: str) -> None:
+    world = World()
+    pair = Pair(key_file, world, lb1={"dead_after": 1.0}, lb2={"dead_after": 1.0})
+
+    async def main() -> None:
+        await pair.start()
+        lb1, lb2 = pair.nodes["lb1"], pair.nodes["lb2"]
+        await until(lambda: world.held == {"lb1"}, 5, "lb1 holding")
+        await lb2._stop()  # the peer is gone (killed): its port answers unreachable
+        await until(lambda: not lb1._machine.any_live_peer(lb1._clock()), 3, "peer seen gone")
+        t0 = time.monotonic()
+        await lb1.shutdown()
+        assert time.monotonic() - t0 < 0.5, "no dead_after (1 s) wait for a successor"
+        assert world.held == set()
+
+    run(main())
+
+
 def test_shutdown_of_passive_just_stops(run, key_file: str) -> None:
     world = World()
     pair = Pair(key_file, world)
