@@ -381,19 +381,12 @@ def test_reload_refuses_what_only_a_restart_can_apply(tmp_path: Path) -> None:
     # rejected with the reason, not applied with those settings silently kept
     from balancer.daemon import _check_reloadable
 
-    (tmp_path / "ha.key").write_bytes(b"k" * 32)
-    body = """\
-        node_id: lb1
-        interface: eth0
-        virtual_ip: 198.18.0.100
-        peers: ["198.18.0.12:5405"]
-        auth_key_file: ha.key
-        priority: {prio}
-        """
-    old = parse(ha_text(body.format(prio=150)), base_dir=str(tmp_path))
-    _check_reloadable(old, parse(ha_text(body.format(prio=150)), base_dir=str(tmp_path)))
+    key = tmp_path / "ha.key"
+    key.write_bytes(b"k" * 32)
+    old = parse(ha_text(ha_body(str(key), priority="150")))
+    _check_reloadable(old, parse(ha_text(ha_body(str(key), priority="150"))))
     with pytest.raises(ConfigError) as e:
-        _check_reloadable(old, parse(ha_text(body.format(prio=100)), base_dir=str(tmp_path)))
+        _check_reloadable(old, parse(ha_text(ha_body(str(key), priority="100"))))
     assert [(p.location, "a restart" in p.message) for p in e.value.problems] == [("ha", True)]
     with pytest.raises(ConfigError) as e:
         _check_reloadable(old, parse(MINIMAL + "workers: 2\n"))
