@@ -156,15 +156,20 @@ def test_ten_mib_both_ways_intact_and_half_close(procs):
     assert hashlib.sha256(body).digest() == hashlib.sha256(payload).digest()
 
 
+def echo_once(port: int, data: bytes) -> bytes:
+    """One session: send `data`, half-close ("that's all"), read until the balancer closes."""
+    with connect(port) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        return read_all(s)
+
+
 def test_half_close_before_the_backend_connection_is_up(procs):
     # a client that sends and shuts down its side at once (`printf ... | nc -N`): its FIN can
     # arrive before the backend connection exists; data and FIN must both still get there
     lb = procs.balancer(tcp_config([("e1", echo_backend(procs, "e1"))]))
     for _ in range(20):
-        with connect(lb.port) as s:
-            s.sendall(b"quick\n")
-            s.shutdown(socket.SHUT_WR)
-            assert read_all(s) == b"hello from e1\nquick\nbye from e1\n"
+        assert echo_once(lb.port, b"quick\n") == b"hello from e1\nquick\nbye from e1\n"
 
 
 def test_a_session_ends_once_both_sides_have_sent_fin(procs):
@@ -174,10 +179,7 @@ def test_a_session_ends_once_both_sides_have_sent_fin(procs):
     # and the backend's in-flight count until tcp_idle, and made SIGTERM wait out the drain
     lb = procs.balancer(tcp_config([("e1", echo_backend(procs, "e1"))]))
     for _ in range(5):
-        with connect(lb.port) as s:
-            s.sendall(b"x\n")
-            s.shutdown(socket.SHUT_WR)
-            assert read_all(s) == b"hello from e1\nx\nbye from e1\n"
+        assert echo_once(lb.port, b"x\n") == b"hello from e1\nx\nbye from e1\n"
     deadline = time.monotonic() + 5
     while True:
         st = lb.status()
