@@ -1,15 +1,27 @@
 """The UDP heartbeat: wire format, HMAC-SHA256 authentication, replay checks, crash probing.
 
-Wire format (network byte order), then a 32-byte HMAC-SHA256 over everything before it:
+Two wire formats (network byte order), each followed by a 32-byte HMAC-SHA256 over everything
+before it. Version 1, one floating IP (what a node with a single instance sends, byte for byte
+what releases before active-active sent):
 
-    magic "BLHA" | version u8 | flags u8 | role u8 | priority u8 | epoch u64 | seq u64 |
+    magic "BLHA" | version u8 = 1 | flags u8 | role u8 | priority u8 | epoch u64 | seq u64 |
     timestamp_ns u64 | node_id length u8 | node_id (UTF-8, 1..64 bytes)
+
+Version 2, several floating IPs (instances), all in one datagram per interval:
+
+    magic "BLHA" | version u8 = 2 | count u8 (1..32) | epoch u64 | seq u64 | timestamp_ns u64 |
+    node_id length u8 | node_id | count x (address IPv4 4 bytes | flags u8 | role u8 | priority u8)
+
+Magic and version sit at the same offsets in both, so a node that speaks only version 1 rejects a
+version-2 heartbeat as an unknown version (logged, counted) instead of misreading its fields; a
+node with several instances likewise refuses version 1, which cannot say which address it means.
 
 `epoch` is the sender's start time in wall-clock nanoseconds: a restarted node has a new, larger
 one, so (epoch, seq) keeps increasing across restarts and a receiver rejects anything not newer
 than what it last accepted from that node. `timestamp_ns` (wall clock) bounds how old a replayed
 message can be after the receiver itself restarted and forgot the last (epoch, seq): the two
-nodes' clocks must agree within `max_clock_skew` (NTP does that easily).
+nodes' clocks must agree within `max_clock_skew` (NTP does that easily). Both formats share one
+(epoch, seq) sequence per node.
 
 Each peer gets its own connected UDP socket for sending, because only a connected socket hears the
 ICMP port-unreachable its peer's host returns once the peer process is gone (ECONNREFUSED). The
@@ -38,7 +50,10 @@ from balancer.ha.state import Role
 log = logging.getLogger("balancer.ha")
 
 MAGIC = b"BLHA"
-VERSION = 1
+VERSION = 1  # one floating IP
+VERSION_INSTANCES = 2  # several floating IPs, one record each
+VERSIONS = (VERSION, VERSION_INSTANCES)
+MAX_INSTANCES = 32
 # A shorter key is accepted (a keepalived-style password must not keep the pair from
 # forming) but logged as weak: heartbeats are HMAC-signed, and a short key can be guessed
 # offline from one captured datagram.
@@ -49,8 +64,12 @@ FLAG_RESIGNING = 0x01
 FLAG_READY = 0x02
 FLAG_PREEMPT = 0x04
 
+_PREFIX = struct.Struct("!4sB")  # magic, version: the same in every version
 _HEADER = struct.Struct("!4sBBBBQQQB")
+_HEADER2 = struct.Struct("!4sBBQQQB")
+_RECORD = struct.Struct("!4sBBB")  # address, flags, role, priority
 _MAC_SIZE = hashlib.sha256().digest_size
+_MIN_SIZE = min(_HEADER.size, _HEADER2.size) + 1 + _MAC_SIZE
 _ROLE_CODES = {Role.PASSIVE: 0, Role.ACTIVE: 1}
 _CODE_ROLES = {code: role for role, code in _ROLE_CODES.items()}
 
@@ -69,6 +88,8 @@ _REJECT_HINTS = {
     BAD_AUTH: "a different auth_key_file on the two nodes, or forged",
     STALE: "the two nodes' clocks differ: run NTP",
     SELF: "both nodes have the same node_id",
+    BAD_VERSION: "one node has several ha.instances and the other one floating IP,"
+    " or it runs a balancer release that speaks another heartbeat version",
 }
 REJECT_LOG_INTERVAL = 60.0  # a warning per sender and reason at most this often; all are counted
 REJECT_LOG_BURST = 20  # and at most this many per interval in all (spoofed sources vary)
@@ -84,7 +105,32 @@ class Rejected(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """One floating IP's part of a heartbeat."""
+
+    address: str | None  # IPv4 address; None in version 1, which has one instance
+    priority: int
+    role: Role
+    flags: int = 0
+
+    @property
+    def resigning(self) -> bool:
+        return bool(self.flags & FLAG_RESIGNING)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.flags & FLAG_READY)
+
+    @property
+    def preempt(self) -> bool:
+        return bool(self.flags & FLAG_PREEMPT)
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
+    """A heartbeat. In version 1 priority/role/flags are the whole message; in version 2
+    `instances` is, and priority/role/flags repeat its first record."""
+
     node_id: str
     priority: int
     role: Role
@@ -93,6 +139,39 @@ class Heartbeat:
     timestamp_ns: int
     flags: int = 0
     version: int = VERSION
+    instances: tuple[InstanceRecord, ...] = ()
+
+    @classmethod
+    def of_instances(
+        cls,
+        node_id: str,
+        epoch: int,
+        seq: int,
+        timestamp_ns: int,
+        records: Sequence[InstanceRecord],
+    ) -> Heartbeat:
+        """A version-2 heartbeat carrying these records."""
+        if not records:
+            raise ValueError("a heartbeat carries at least one instance")
+        first = records[0]
+        return cls(
+            node_id,
+            first.priority,
+            first.role,
+            epoch,
+            seq,
+            timestamp_ns,
+            first.flags,
+            VERSION_INSTANCES,
+            tuple(records),
+        )
+
+    @property
+    def records(self) -> tuple[InstanceRecord, ...]:
+        """Every instance this heartbeat speaks for (version 1: one, without an address)."""
+        if self.version == VERSION:
+            return (InstanceRecord(None, self.priority, self.role, self.flags),)
+        return self.instances
 
     @property
     def resigning(self) -> bool:
@@ -130,45 +209,89 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
     node_id = hb.node_id.encode()
     if not 1 <= len(node_id) <= MAX_NODE_ID_BYTES:
         raise ValueError(f"node_id must be 1..{MAX_NODE_ID_BYTES} bytes of UTF-8")
-    body = (
-        _HEADER.pack(
-            MAGIC,
-            hb.version,
-            hb.flags,
-            _ROLE_CODES[hb.role],
-            hb.priority,
-            hb.epoch,
-            hb.seq,
-            hb.timestamp_ns,
-            len(node_id),
+    if hb.version == VERSION_INSTANCES:
+        if not 1 <= len(hb.instances) <= MAX_INSTANCES:
+            raise ValueError(f"a heartbeat carries 1..{MAX_INSTANCES} instances")
+        head = _HEADER2.pack(
+            MAGIC, hb.version, len(hb.instances), hb.epoch, hb.seq, hb.timestamp_ns, len(node_id)
         )
-        + node_id
-    )
+        records = b"".join(
+            _RECORD.pack(
+                ipaddress.IPv4Address(r.address).packed, r.flags, _ROLE_CODES[r.role], r.priority
+            )
+            for r in hb.instances
+        )
+        body = head + node_id + records
+    else:
+        body = (
+            _HEADER.pack(
+                MAGIC,
+                hb.version,
+                hb.flags,
+                _ROLE_CODES[hb.role],
+                hb.priority,
+                hb.epoch,
+                hb.seq,
+                hb.timestamp_ns,
+                len(node_id),
+            )
+            + node_id
+        )
     return body + hmac.new(key, body, hashlib.sha256).digest()
 
 
-def decode(data: bytes, key: bytes) -> Heartbeat:
-    """Parse and authenticate one datagram, or raise Rejected."""
-    if len(data) < _HEADER.size + 1 + _MAC_SIZE:
+def decode(data: bytes, key: bytes, versions: Sequence[int] = VERSIONS) -> Heartbeat:
+    """Parse and authenticate one datagram, or raise Rejected; `versions`: those accepted."""
+    if len(data) < _MIN_SIZE:
         raise Rejected(MALFORMED, f"{len(data)} bytes")
-    magic, version, flags, role, priority, epoch, seq, ts, id_len = _HEADER.unpack_from(data)
+    magic, version = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise Rejected(MALFORMED, "bad magic")
-    if version != VERSION:
+    if version not in versions or version not in VERSIONS:
         raise Rejected(BAD_VERSION, f"version {version}")
     body, mac = data[:-_MAC_SIZE], data[-_MAC_SIZE:]
     # Authenticate before trusting any field beyond the version byte.
     if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
         raise Rejected(BAD_AUTH)
+    if version == VERSION_INSTANCES:
+        return _decode_instances(body)
+    if len(body) < _HEADER.size:
+        raise Rejected(MALFORMED, "length")
+    _, _, flags, role, priority, epoch, seq, ts, id_len = _HEADER.unpack_from(body)
     if len(body) != _HEADER.size + id_len or id_len == 0:
         raise Rejected(MALFORMED, "length")
     if role not in _CODE_ROLES:
         raise Rejected(MALFORMED, f"role {role}")
+    node_id = _node_id(body[_HEADER.size :])
+    return Heartbeat(node_id, priority, _CODE_ROLES[role], epoch, seq, ts, flags, version)
+
+
+def _decode_instances(body: bytes) -> Heartbeat:
+    if len(body) < _HEADER2.size:
+        raise Rejected(MALFORMED, "length")
+    _, _, count, epoch, seq, ts, id_len = _HEADER2.unpack_from(body)
+    if id_len == 0 or not 1 <= count <= MAX_INSTANCES:
+        raise Rejected(MALFORMED, f"{count} instances")
+    at = _HEADER2.size + id_len
+    if len(body) != at + count * _RECORD.size:
+        raise Rejected(MALFORMED, "length")
+    node_id = _node_id(body[_HEADER2.size : at])
+    records = []
+    for packed, flags, role, priority in _RECORD.iter_unpack(body[at:]):
+        if role not in _CODE_ROLES:
+            raise Rejected(MALFORMED, f"role {role}")
+        address = str(ipaddress.IPv4Address(packed))
+        records.append(InstanceRecord(address, priority, _CODE_ROLES[role], flags))
+    if len({r.address for r in records}) != len(records):
+        raise Rejected(MALFORMED, "an address given twice")
+    return Heartbeat.of_instances(node_id, epoch, seq, ts, records)
+
+
+def _node_id(raw: bytes) -> str:
     try:
-        node_id = body[_HEADER.size :].decode()
+        return raw.decode()
     except UnicodeDecodeError:
         raise Rejected(MALFORMED, "node_id not UTF-8") from None
-    return Heartbeat(node_id, priority, _CODE_ROLES[role], epoch, seq, ts, flags, version)
 
 
 @dataclass(slots=True)
@@ -235,6 +358,7 @@ class HeartbeatEndpoint:
         max_clock_skew: float = 5.0,
         confirm_window: float = 0.05,
         incarnation_timeout: float = 3.0,
+        versions: Sequence[int] = VERSIONS,
     ) -> None:
         if not key:
             raise ValueError("the HA key must not be empty")
@@ -251,9 +375,10 @@ class HeartbeatEndpoint:
         # An older epoch is accepted only from a node silent this long: a restart whose wall
         # clock went back, not a replay while the current incarnation is talking.
         self.incarnation_timeout = incarnation_timeout
+        self.versions = tuple(versions)  # the heartbeat versions accepted from peers
         self.epoch = wall_clock()
         self._seq = 0
-        self._last_sent: tuple[Role, int, int] | None = None
+        self._last_sent: tuple[InstanceRecord, ...] | None = None  # None address: version 1
         self._incarnations: dict[str, _Incarnation] = {}
         self._peer_hosts: set[str] = set()
         self._links: list[_PeerLink] = []
@@ -311,17 +436,28 @@ class HeartbeatEndpoint:
     # -- sending --------------------------------------------------------------------------------
 
     def send(self, role: Role, priority: int, flags: int = 0) -> None:
-        """One heartbeat, the same datagram to every peer."""
-        self._last_sent = (role, priority, flags)
-        data = self._build(role, priority, flags)
+        """One version-1 heartbeat (a single floating IP), the same datagram to every peer."""
+        self.send_records((InstanceRecord(None, priority, role, flags),))
+
+    def send_records(self, records: Sequence[InstanceRecord]) -> None:
+        """One heartbeat for these instances: version 1 for a lone record without an address,
+        else version 2; the same datagram to every peer."""
+        self._last_sent = tuple(records)
+        data = self._build(self._last_sent)
         for link in self._links:
             self._send_to(link, data)
 
-    def _build(self, role: Role, priority: int, flags: int) -> bytes:
+    def _build(self, records: tuple[InstanceRecord, ...]) -> bytes:
         self._seq += 1
-        hb = Heartbeat(
-            self.node_id, priority, role, self.epoch, self._seq, self._wall_clock(), flags
-        )
+        if len(records) == 1 and records[0].address is None:
+            r = records[0]
+            hb = Heartbeat(
+                self.node_id, r.priority, r.role, self.epoch, self._seq, self._wall_clock(), r.flags
+            )
+        else:
+            hb = Heartbeat.of_instances(
+                self.node_id, self.epoch, self._seq, self._wall_clock(), records
+            )
         return encode(hb, self._key)
 
     def _send_to(self, link: _PeerLink, data: bytes) -> None:
@@ -346,7 +482,7 @@ class HeartbeatEndpoint:
         # and refused too says the port is closed now.
         link.refused_at = now
         if self._last_sent is not None:
-            self._send_to(link, self._build(*self._last_sent))
+            self._send_to(link, self._build(self._last_sent))
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -392,7 +528,7 @@ class HeartbeatEndpoint:
     def _check(self, data: bytes, host: str) -> Heartbeat:
         if host not in self._peer_hosts:
             raise Rejected(UNKNOWN_PEER, host)
-        hb = decode(data, self._key)
+        hb = decode(data, self._key, self.versions)
         if hb.node_id == self.node_id:
             raise Rejected(SELF)
         if abs(self._wall_clock() - hb.timestamp_ns) > self._max_skew_ns:

@@ -22,6 +22,7 @@ from balancer.ha.heartbeat import (
     FLAG_RESIGNING,
     Heartbeat,
     HeartbeatEndpoint,
+    InstanceRecord,
     Rejected,
     decode,
     encode,
@@ -105,8 +106,106 @@ def test_short_or_foreign_datagrams_are_malformed() -> None:
 
 
 def test_unknown_version_is_rejected_as_such() -> None:
-    body = encode(heartbeat(version=2), KEY)[:-32]
+    body = encode(heartbeat(version=3), KEY)[:-32]
     assert reason_of(remac(body)) == hbmod.BAD_VERSION
+
+
+# ---------------------------------------------------------------------------------------------
+# Version 2: several floating IPs in one heartbeat
+# ---------------------------------------------------------------------------------------------
+
+
+def two_instances(**overrides: Any) -> Heartbeat:
+    fields: dict[str, Any] = {
+        "node_id": "lb1",
+        "epoch": 1_700_000_000_000_000_000,
+        "seq": 7,
+        "timestamp_ns": time.time_ns(),
+        "records": (
+            InstanceRecord("198.18.0.100", 150, Role.ACTIVE, FLAG_PREEMPT),
+            InstanceRecord("198.18.0.101", 100, Role.PASSIVE, FLAG_READY | FLAG_PREEMPT),
+        ),
+    }
+    fields.update(overrides)
+    return Heartbeat.of_instances(**fields)
+
+
+def test_version_2_roundtrip_keeps_every_instance() -> None:
+    hb = two_instances()
+    got = decode(encode(hb, KEY), KEY)
+    assert got == hb and got.version == 2
+    assert [(r.address, r.priority, r.role, r.ready) for r in got.records] == [
+        ("198.18.0.100", 150, Role.ACTIVE, False),
+        ("198.18.0.101", 100, Role.PASSIVE, True),
+    ]
+    # the first record doubles as the heartbeat's own fields
+    assert (got.priority, got.role, got.preempt) == (150, Role.ACTIVE, True)
+    # a version-1 heartbeat is one record without an address
+    (only,) = decode(encode(heartbeat(), KEY), KEY).records
+    assert (only.address, only.priority, only.role, only.ready) == (None, 150, Role.ACTIVE, True)
+
+
+def test_version_1_wire_format_is_unchanged() -> None:
+    # what a release before active-active sends and expects, byte for byte
+    hb = heartbeat(node_id="lb1", flags=FLAG_READY, seq=3, timestamp_ns=5)
+    body = encode(hb, KEY)[:-32]
+    assert body == (
+        b"BLHA\x01\x02\x01\x96"
+        + (1_700_000_000_000_000_000).to_bytes(8, "big")
+        + (3).to_bytes(8, "big")
+        + (5).to_bytes(8, "big")
+        + b"\x03lb1"
+    )
+
+
+def test_a_single_instance_peer_rejects_version_2_cleanly() -> None:
+    """An old node reads magic, then the version byte at offset 4, and stops: the same offsets
+    in both versions, so it counts an unknown version instead of misreading the records."""
+    data = encode(two_instances(), KEY)
+    assert data[:5] == b"BLHA\x02"
+    assert reason_of_versions(data, (1,)) == hbmod.BAD_VERSION
+    # and a node with several instances refuses version 1: it cannot say which address it means
+    assert reason_of_versions(encode(heartbeat(), KEY), (2,)) == hbmod.BAD_VERSION
+    assert "several ha.instances" in hbmod._REJECT_HINTS[hbmod.BAD_VERSION]
+
+
+def reason_of_versions(data: bytes, versions: tuple[int, ...]) -> str:
+    with pytest.raises(Rejected) as e:
+        decode(data, KEY, versions)
+    return e.value.reason
+
+
+def test_version_2_tampered_anywhere_fails_authentication() -> None:
+    data = encode(two_instances(), KEY)
+    for i in range(5, len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 0x01
+        assert reason_of(bytes(bad)) == hbmod.BAD_AUTH, f"byte {i}"
+
+
+def test_version_2_inconsistent_fields_are_malformed() -> None:
+    body = bytearray(encode(two_instances(), KEY)[:-32])
+    no_count = bytearray(body)
+    no_count[5] = 0
+    assert reason_of(remac(bytes(no_count))) == hbmod.MALFORMED
+    more = bytearray(body)
+    more[5] = 3  # claims a record that is not there
+    assert reason_of(remac(bytes(more))) == hbmod.MALFORMED
+    bad_role = bytearray(body)
+    bad_role[-2] = 9
+    assert reason_of(remac(bytes(bad_role))) == hbmod.MALFORMED
+    twice = two_instances(
+        records=(
+            InstanceRecord("198.18.0.100", 150, Role.ACTIVE),
+            InstanceRecord("198.18.0.100", 100, Role.PASSIVE),
+        )
+    )
+    assert reason_of(encode(twice, KEY)) == hbmod.MALFORMED
+    with pytest.raises(ValueError):
+        Heartbeat.of_instances("lb1", 1, 1, 1, ())
+    many = [InstanceRecord(f"198.18.1.{i}", 100, Role.PASSIVE) for i in range(33)]
+    with pytest.raises(ValueError):
+        encode(two_instances(records=tuple(many)), KEY)
 
 
 def test_authenticated_but_inconsistent_fields_are_malformed() -> None:
@@ -497,3 +596,30 @@ def test_rejection_warnings_are_capped_whatever_the_senders(run, caplog) -> None
         run(main())
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == hbmod.REJECT_LOG_BURST
+
+
+def test_version_2_over_udp_shares_the_replay_sequence_with_version_1(run) -> None:
+    async def main() -> None:
+        pa, pb = free_udp_port(), free_udp_port()
+        ia, ib = Inbox(), Inbox()
+        a = endpoint("lb1", pa, [pb], ia)
+        old = endpoint("lb2", pb, [pa], ib, versions=(1,))  # a single-instance-only receiver
+        await a.start()
+        await old.start()
+        try:
+            records = (
+                InstanceRecord("198.18.0.100", 150, Role.ACTIVE),
+                InstanceRecord("198.18.0.101", 100, Role.PASSIVE, FLAG_READY),
+            )
+            a.send_records(records)
+            a.send(Role.ACTIVE, 150)
+            await settle(old, 2)
+            assert old.rejected[hbmod.BAD_VERSION] == 1 and old.received == 1
+            assert ib.items[0][0].seq == 2  # one sequence across both formats
+            multi = endpoint("lb2", free_udp_port(), [pa], Inbox(), versions=(2,))
+            assert multi.versions == (2,)
+        finally:
+            a.close()
+            old.close()
+
+    run(main())
