@@ -126,7 +126,7 @@ class Pair:
                 local_health=lambda n=name: self.health[n],
                 on_role_change=self.roles[name].append,
             )
-            node._vip = FakeVip(world, name)  # type: ignore[assignment]
+            node._slots[0].vip = FakeVip(world, name)  # type: ignore[assignment]
             self.nodes[name] = node
 
     async def start(self) -> None:
@@ -192,7 +192,7 @@ def test_pair_elects_higher_priority_and_reports_status(run, key_file: str) -> N
             await asyncio.sleep(5 * ADV)
             assert (lb1.role, lb2.role) == ("active", "passive")
             assert pair.roles == {"lb1": ["active"], "lb2": []}
-            assert lb1._vip.announced == 5  # type: ignore[attr-defined]
+            assert lb1._slots[0].vip.announced == 5  # type: ignore[attr-defined]
             st = lb1.status()
             assert st["holds_vip"] is True and st["transitions"] == 1
             (peer,) = st["peers"]
@@ -238,7 +238,7 @@ def test_shutdown_of_active_hands_over_then_drains_then_releases(run, key_file: 
             await until(lambda: world.held == {"lb1"}, 2, "lb1 holding")
             # lb2 must not be heard active before its VIP is really there, or lb1 would
             # release while clients still come to it.
-            lb2._vip.add_delay = 0.05  # type: ignore[attr-defined]
+            lb2._slots[0].vip.add_delay = 0.05  # type: ignore[attr-defined]
 
             async def drain() -> None:
                 drain_saw.append((lb2.role, set(world.held)))
@@ -253,7 +253,7 @@ def test_shutdown_of_active_hands_over_then_drains_then_releases(run, key_file: 
             assert world.held == {"lb2"}
             assert took < DEAD, "no dead_after wait: the resign is heard at once"
             assert pair.roles["lb1"] == ["active", "passive"]
-            assert lb1._vip.closed  # type: ignore[attr-defined]
+            assert lb1._slots[0].vip.closed  # type: ignore[attr-defined]
             # never a moment with nobody holding it
             assert all(h for t, h in world.history if t > t0)
         finally:
@@ -271,7 +271,7 @@ def test_shutdown_of_a_lone_active_does_not_wait_for_a_successor(run, key_file: 
         lb1, lb2 = pair.nodes["lb1"], pair.nodes["lb2"]
         await until(lambda: world.held == {"lb1"}, 5, "lb1 holding")
         await lb2._stop()  # the peer is gone (killed): its port answers unreachable
-        await until(lambda: not lb1._machine.any_live_peer(lb1._clock()), 3, "peer seen gone")
+        await until(lambda: not lb1._group.any_live_peer(lb1._clock()), 3, "peer seen gone")
         t0 = time.monotonic()
         await lb1.shutdown()
         assert time.monotonic() - t0 < 0.5, "no dead_after (1 s) wait for a successor"
