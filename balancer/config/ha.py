@@ -8,7 +8,13 @@ import yaml
 
 from balancer.config import values as v
 from balancer.config.reader import ABSENT, Reader, Section
-from balancer.config.schema import MAX_NODE_ID_BYTES, Address, HaConfig
+from balancer.config.schema import (
+    MAX_HA_INSTANCES,
+    MAX_NODE_ID_BYTES,
+    Address,
+    HaConfig,
+    HaInstanceConfig,
+)
 
 _HA_KEYS = (
     "node_id",
@@ -22,7 +28,9 @@ _HA_KEYS = (
     "preempt",
     "auth_key_file",
     "notify",
+    "instances",
 )
+_INSTANCE_KEYS = ("virtual_ip", "priority")
 
 
 def read_ha(r: Reader, node: yaml.Node | None) -> HaConfig | None:
@@ -30,13 +38,30 @@ def read_ha(r: Reader, node: yaml.Node | None) -> HaConfig | None:
     s = Section(r, node, "ha", _HA_KEYS)
     if not s.ok:
         return None
+    # the single-IP form (virtual_ip + priority) or instances: a list of them, not both
+    several = "instances" in s.entries
     required = {
-        "node_id": _node_id,
-        "interface": _interface,
-        "virtual_ip": _virtual_ip,
-        "auth_key_file": lambda value: _key_file(r, value),
+        "node_id": (_node_id, True),
+        "interface": (_interface, True),
+        "virtual_ip": (
+            _virtual_ip,
+            not several
+            and "'virtual_ip' is required (or instances: a list of {virtual_ip, priority})",
+        ),
+        "auth_key_file": (lambda value: _key_file(r, value), True),
     }
-    values = {key: s.get(key, convert, required=True) for key, convert in required.items()}
+    values = {key: s.get(key, convert, required=need) for key, (convert, need) in required.items()}
+    instances: tuple[HaInstanceConfig, ...] = ()
+    if several:
+        for key in ("virtual_ip", "priority"):
+            if key in s.entries:
+                r.problem(
+                    s.at(key),
+                    f"give instances or virtual_ip/priority, not both: with instances, each"
+                    f" one has its own {key}",
+                    s.line(key),
+                )
+        instances = _instances(r, s.value_node("instances"), s.at("instances"))
     peers: list[Address] = []
     if not s.has("peers"):
         r.problem(
@@ -74,7 +99,43 @@ def read_ha(r: Reader, node: yaml.Node | None) -> HaConfig | None:
         fields["dead_after"] = 3 * advert
     if not r.clean_since(mark):
         return None
-    return HaConfig(peers=tuple(peers), **values, **fields)
+    if instances:
+        first = instances[0]
+        values["virtual_ip"], fields["priority"] = first.virtual_ip, first.priority
+    return HaConfig(peers=tuple(peers), instances=instances, **values, **fields)
+
+
+def _instances(r: Reader, node: yaml.Node | None, loc: str) -> tuple[HaInstanceConfig, ...]:
+    """The floating IPs of an active-active pair, each with this node's priority for it."""
+    nodes = r.sequence(node, loc, "{virtual_ip, priority}")
+    if nodes is None:
+        return ()
+    if not nodes:
+        r.problem(loc, "at least one instance is required", node)
+        return ()
+    if len(nodes) > MAX_HA_INSTANCES:
+        r.problem(loc, f"at most {MAX_HA_INSTANCES} instances, got {len(nodes)}", node)
+    result: list[HaInstanceConfig] = []
+    seen: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
+    for i, item in enumerate(nodes):
+        s = Section(r, item, f"{loc}[{i}]", _INSTANCE_KEYS)
+        if not s.ok:
+            continue
+        vip = s.get("virtual_ip", _virtual_ip, required=True)
+        fields = s.fields(priority=v.integer(1, 254))
+        if vip is ABSENT:
+            continue
+        # the same address with another prefix length is still the same address
+        ip = ipaddress.ip_interface(vip).ip
+        if ip in seen:
+            r.problem(
+                s.at("virtual_ip"),
+                f"duplicate virtual IP {ip} (also {seen[ip]})",
+                s.value_node("virtual_ip"),
+            )
+        seen.setdefault(ip, s.loc)
+        result.append(HaInstanceConfig(virtual_ip=vip, **fields))
+    return tuple(result)
 
 
 def _key_file(r: Reader, value: object) -> str:

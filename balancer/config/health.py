@@ -10,7 +10,17 @@ from balancer.config import values as v
 from balancer.config.reader import Reader, Section
 from balancer.config.schema import HealthCheckConfig, PassiveHealthConfig
 
-_HEALTH_KEYS = ("type", "path", "host", "interval", "timeout", "rise", "fall", "expect_status")
+_HEALTH_KEYS = (
+    "type",
+    "path",
+    "host",
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+    "expect_status",
+    "service",
+)
 _PASSIVE_KEYS = (
     "consecutive_failures",
     "ejection_time",
@@ -20,11 +30,14 @@ _PASSIVE_KEYS = (
 _EXPECT_STATUS_RE = re.compile(r"\s*([0-9]{3})\s*(?:-\s*([0-9]{3})\s*)?")
 
 
-def read_health_check(r: Reader, node: yaml.Node | None, loc: str) -> HealthCheckConfig | None:
+def read_health_check(
+    r: Reader, node: yaml.Node | None, loc: str, protocol: str | None
+) -> HealthCheckConfig | None:
+    """The pool's active check; `protocol` is the pool's (None when it is itself wrong)."""
     mark = r.checkpoint()
     s = Section(r, node, loc, _HEALTH_KEYS)
     fields = s.fields(
-        type=v.choice("http", "tcp"),
+        type=v.choice("http", "tcp", "grpc"),
         path=v.path_prefix,
         host=v.route_host,
         interval=v.duration(positive=True),
@@ -32,7 +45,9 @@ def read_health_check(r: Reader, node: yaml.Node | None, loc: str) -> HealthChec
         rise=v.integer(1),
         fall=v.integer(1),
         expect_status=_expect_status,
+        service=_grpc_service,
     )
+    _check_grpc(r, s, fields.get("type"), protocol)
     interval = fields.get("interval", HealthCheckConfig.interval)
     if "timeout" not in fields and not s.has("timeout") and "interval" in fields:
         # an unset timeout follows a short interval down (as HAProxy's `timeout check`
@@ -74,6 +89,42 @@ def read_passive_health(r: Reader, node: yaml.Node | None, loc: str) -> PassiveH
     if not r.clean_since(mark):
         return None
     return PassiveHealthConfig(**fields)
+
+
+def _check_grpc(r: Reader, s: Section, kind: str | None, protocol: str | None) -> None:
+    """The keys that belong to one check type, and a grpc check's need for HTTP/2."""
+    if kind == "grpc":
+        if protocol is not None and protocol != "h2":
+            r.problem(
+                s.at("type"),
+                f"a grpc health check needs protocol: h2 on the pool (gRPC runs over HTTP/2;"
+                f" this pool speaks {protocol})",
+                s.value_node("type"),
+            )
+        for key in ("path", "expect_status"):
+            if s.has(key):
+                r.problem(
+                    s.at(key),
+                    f"{key} is for http checks; a grpc check calls grpc.health.v1.Health/Check"
+                    " (name the service asked about with service:)",
+                    s.value_node(key),
+                )
+    elif s.has("service") and (kind is not None or not s.has("type")):
+        r.problem(
+            s.at("service"),
+            f"service is for type: grpc checks, not {kind or HealthCheckConfig.type}",
+            s.value_node("service"),
+        )
+
+
+def _grpc_service(value: object) -> str:
+    # "" is the server as a whole (grpc.health.v1); a service is a dotted name such as
+    # "helloworld.Greeter"
+    if not isinstance(value, str):
+        raise ValueError(f"expected a gRPC service name (a string), got {v.kind(value)}")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"invalid gRPC service name {value!r}: no spaces or control characters")
+    return value
 
 
 def _expect_status(value: object) -> tuple[int, int]:

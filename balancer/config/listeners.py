@@ -20,7 +20,17 @@ from balancer.config.schema import (
     TlsConfig,
 )
 
-LISTENER_KEYS = ("name", "bind", "mode", "routes", "pool", "tls", "redirect_https")
+LISTENER_KEYS = (
+    "name",
+    "bind",
+    "mode",
+    "routes",
+    "pool",
+    "tls",
+    "redirect_https",
+    "http2",
+    "proxy_protocol",
+)
 _ROUTE_KEYS = ("host", "path_prefix", "pool")
 _TLS_KEYS = ("certificates", "min_version")
 _CERT_KEYS = ("cert", "key")
@@ -28,20 +38,21 @@ _CERT_KEYS = ("cert", "key")
 
 def read_listeners(
     r: Reader, top: Section, pools: set[str] | None, admin: AdminConfig | None
-) -> list[ListenerConfig] | None:
+) -> tuple[list[ListenerConfig], bool]:
+    """The listeners that are right, and whether every listener is."""
     if not top.has("listeners"):
         r.problem(
             "listeners",
             "at least one listener is required",
             top.line("listeners") if "listeners" in top.entries else None,
         )
-        return None
+        return [], False
     nodes = r.sequence(top.value_node("listeners"), "listeners", "listeners")
     if nodes is None:
-        return None
+        return [], False
     if not nodes:
         r.problem("listeners", "at least one listener is required", top.value_node("listeners"))
-        return None
+        return [], False
     result: list[ListenerConfig] = []
     names: dict[str, str] = {}
     binds: list[tuple[Address, str]] = [] if admin is None else [(admin.bind, "admin.bind")]
@@ -64,7 +75,7 @@ def read_listeners(
             if clash is not None:
                 r.problem(s.at("bind"), f"{bind} is already bound by {clash}", s.value_node("bind"))
             binds.append((bind, s.at("bind")))
-    return result if len(result) == len(nodes) else None
+    return result, len(result) == len(nodes)
 
 
 def _listener(
@@ -77,12 +88,18 @@ def _listener(
     name = s.get("name", v.name, required=True)
     bind = s.get("bind", v.bind_address, required=True)
     mode = s.get("mode", v.choice("http", "tcp"))
-    kwargs: dict[str, Any] = {}
+    # the PROXY header comes before any byte of either mode, so both may take it
+    kwargs: dict[str, Any] = s.fields(proxy_protocol=v.boolean)
     if mode == "tcp":
         for key, why in (
             ("routes", "a tcp listener forwards whole connections to its pool; it has no routes"),
             ("tls", "a tcp listener does not terminate TLS (the backends do); remove tls"),
             ("redirect_https", "redirect_https is for http listeners"),
+            (
+                "http2",
+                "http2 is for http listeners; a tcp listener forwards the bytes of any"
+                " protocol as they come",
+            ),
         ):
             if key in s.entries:
                 r.problem(s.at(key), why, s.line(key))
@@ -116,6 +133,8 @@ def _listener(
             kwargs["redirect_https"] = s.get("redirect_https", _redirect_template)
         if "tls" in s.entries:
             kwargs["tls"] = _tls(r, s.value_node("tls"), s.at("tls"))
+        # not given: ListenerConfig turns it on for TLS listeners (ALPN) and off for plain
+        kwargs.update(s.fields(http2=v.boolean))
     if not r.clean_since(mark):
         return None, s
     if mode is not ABSENT:

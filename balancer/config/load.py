@@ -114,17 +114,19 @@ def _document(r: Reader, root: yaml.Node | None) -> Config | None:
         return None
     mark = r.checkpoint()
     top = Section(r, root, "", _TOP_KEYS)
-    pools, pool_names = read_pools(r, top)
+    pools, pools_ok, pool_names = read_pools(r, top)
     admin = read_admin(r, top.value_node("admin"))
-    listeners = read_listeners(r, top, pool_names, admin)
+    listeners, listeners_ok = read_listeners(r, top, pool_names, admin)
+    # on the pools and listeners that are right, so these show beside any other problem
+    _check_tcp_pools(r, pools, listeners, top.value_node("pools"))
     limits = read_limits(r, top.value_node("limits"))
     timeouts = read_timeouts(r, top.value_node("timeouts"))
     ha = read_ha(r, top.value_node("ha")) if top.has("ha") else None
     access_log = read_access_log(r, top.value_node("access_log"))
     count = top.get("workers", workers)
-    if isinstance(count, int) and count > 1 and listeners is not None:
+    if isinstance(count, int) and count > 1 and listeners_ok:
         _check_port_zero(r, listeners, count, top.value_node("listeners"))
-    if not r.clean_since(mark) or pools is None or listeners is None or admin is None:
+    if not r.clean_since(mark) or not pools_ok or not listeners_ok or admin is None:
         return None
     extra: dict[str, Any] = {} if count is ABSENT else {"workers": count}
     pools = _tcp_pools_check_tcp(pools, listeners, top.value_node("pools"))
@@ -152,6 +154,31 @@ def _check_port_zero(
                 " processes: give a fixed port, or use workers: 1",
                 mapping_get(sequence_item(node, i), "bind"),
             )
+
+
+def _check_tcp_pools(
+    r: Reader,
+    pools: dict[str, PoolConfig],
+    listeners: list[ListenerConfig],
+    pools_node: yaml.Node | None,
+) -> None:
+    """A pool behind a tcp listener gets raw bytes: it cannot speak HTTP/2 to its backends."""
+    users: dict[str, str] = {}
+    for lc in listeners:
+        if lc.mode == "tcp" and lc.pool is not None:
+            users.setdefault(lc.pool, lc.name)
+    for name, listener in users.items():
+        pc = pools.get(name)
+        if pc is None or pc.protocol != "h2":
+            continue
+        pool_node = mapping_get(pools_node, name)
+        r.problem(
+            f"pools.{name}.protocol",
+            f"protocol h2 is for pools behind http listeners; pool '{name}' is used by tcp"
+            f" listener '{listener}', which forwards raw bytes (remove protocol, or route to"
+            " this pool from an http listener)",
+            mapping_get(pool_node, "protocol") or pool_node,
+        )
 
 
 def _tcp_pools_check_tcp(

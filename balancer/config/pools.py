@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from balancer.config import values as v
+from balancer.config.discovery import read_discovery
 from balancer.config.health import read_health_check, read_passive_health
 from balancer.config.reader import ABSENT, Reader, Section, is_null, join
 from balancer.config.schema import Address, BackendConfig, PoolConfig, QueueConfig, StickyConfig
@@ -23,6 +24,9 @@ _POOL_KEYS = (
     "panic_threshold",
     "retries",
     "queue",
+    "protocol",
+    "send_proxy_protocol",
+    "discovery",
     "backends",
 )
 _BACKEND_KEYS = ("name", "address", "weight", "max_connections")
@@ -33,22 +37,23 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HASH_KEY_FORMS = "header:NAME, cookie:NAME, path or client_ip"
 
 
-def read_pools(r: Reader, top: Section) -> tuple[dict[str, PoolConfig] | None, set[str] | None]:
-    """The pools by name (None when any is wrong), and the names defined (None when the
-    section is unusable, so that references to pools are not checked against nothing)."""
+def read_pools(r: Reader, top: Section) -> tuple[dict[str, PoolConfig], bool, set[str] | None]:
+    """The pools that are right, by name; whether every pool is; and the names defined (None
+    when the section is unusable, so that references to pools are not checked against
+    nothing)."""
     if not top.has("pools"):
         r.problem(
             "pools",
             "at least one pool is required",
             top.line("pools") if "pools" in top.entries else None,
         )
-        return None, None
+        return {}, False, None
     found = r.entries(top.value_node("pools"), "pools", "a mapping of pool names to pools")
     if found is None:
-        return None, None
+        return {}, False, None
     if not found:
         r.problem("pools", "at least one pool is required", top.value_node("pools"))
-        return None, None
+        return {}, False, None
     result: dict[str, PoolConfig] = {}
     mark = r.checkpoint()
     for name, key_node, value_node in found:
@@ -62,7 +67,7 @@ def read_pools(r: Reader, top: Section) -> tuple[dict[str, PoolConfig] | None, s
             result[name] = pool
     # a pool with problems still counts as defined, so that references to it are not flagged
     names = {name for name, _, _ in found}
-    return (result if r.clean_since(mark) else None), names
+    return result, r.clean_since(mark), names
 
 
 def _pool(r: Reader, name: str, node: yaml.Node, loc: str) -> PoolConfig | None:
@@ -96,6 +101,10 @@ def _pool(r: Reader, name: str, node: yaml.Node, loc: str) -> PoolConfig | None:
         slow_start=v.duration(positive=False),
         panic_threshold=v.integer(0, 100),
         retries=v.integer(0, 10),
+        protocol=v.choice("http1", "h2"),
+        # for an http pool the header goes before the first request on each backend
+        # connection, for a tcp pool before the first byte: both are allowed
+        send_proxy_protocol=v.choice("none", "v1", "v2"),
     )
     if strategy is not ABSENT:
         kwargs["strategy"] = strategy
@@ -104,8 +113,10 @@ def _pool(r: Reader, name: str, node: yaml.Node, loc: str) -> PoolConfig | None:
     if "sticky" in s.entries:
         kwargs["sticky"] = _sticky(r, s.value_node("sticky"), s.at("sticky"))
     if s.has("health_check"):
+        # None when the protocol is wrong (reported already): the grpc rule is then moot
+        protocol = kwargs.get("protocol", PoolConfig.protocol if not s.has("protocol") else None)
         kwargs["health_check"] = read_health_check(
-            r, s.value_node("health_check"), s.at("health_check")
+            r, s.value_node("health_check"), s.at("health_check"), protocol
         )
     if s.has("passive_health"):
         kwargs["passive_health"] = read_passive_health(
@@ -116,7 +127,9 @@ def _pool(r: Reader, name: str, node: yaml.Node, loc: str) -> PoolConfig | None:
         kwargs["queue"] = QueueConfig(
             **qs.fields(size=v.integer(0), timeout=v.duration(positive=True))
         )
-    backends = _backends(r, s)
+    if "discovery" in s.entries:
+        kwargs["discovery"] = read_discovery(r, s.value_node("discovery"), s.at("discovery"))
+    backends = _backends(r, s, discovered="discovery" in s.entries)
     if not r.clean_since(mark) or backends is None:
         return None
     return PoolConfig(name=name, backends=backends, **kwargs)
@@ -133,15 +146,20 @@ def _strategy(r: Reader, value: object) -> str:
     return value
 
 
-def _backends(r: Reader, s: Section) -> tuple[BackendConfig, ...] | None:
+def _backends(r: Reader, s: Section, *, discovered: bool) -> tuple[BackendConfig, ...] | None:
+    """The listed backends; with `discovered` (the pool has discovery:) none are needed."""
     loc = s.at("backends")
     if not s.has("backends"):
+        if discovered:
+            return ()
         r.problem(loc, "a pool needs at least one backend", s.line("backends"))
         return None
     nodes = r.sequence(s.value_node("backends"), loc, "backends")
     if nodes is None:
         return None
     if not nodes:
+        if discovered:
+            return ()
         r.problem(loc, "a pool needs at least one backend", s.value_node("backends"))
         return None
     mark = r.checkpoint()

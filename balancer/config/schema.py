@@ -8,6 +8,7 @@ MAX_WORKERS = 256  # far beyond any core count a balancer runs on; catches a typ
 # the longest node_id a heartbeat datagram carries (balancer.ha.heartbeat encodes it); kept
 # here so that config, which checks it, needs nothing from the ha package
 MAX_NODE_ID_BYTES = 64
+MAX_HA_INSTANCES = 16  # floating IPs one pair can hold; each costs a heartbeat field and an ARP
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,15 @@ class ListenerConfig:
     pool: str | None = None  # tcp mode
     tls: TlsConfig | None = None
     redirect_https: str | None = None  # "https://{host}:8443": answer 301 to this + path
+    # HTTP/2 beside HTTP/1.1: by ALPN on TLS, by prior knowledge (h2c) on plain. None (not
+    # given) becomes the default, on for TLS listeners and off for plain ones: after
+    # construction it is always a bool
+    http2: bool | None = None
+    proxy_protocol: bool = False  # each connection starts with a PROXY v1/v2 header
+
+    def __post_init__(self) -> None:
+        if self.http2 is None:
+            object.__setattr__(self, "http2", self.tls is not None)
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ class StickyConfig:
 
 @dataclass(frozen=True)
 class HealthCheckConfig:
-    type: str = "http"  # "http" | "tcp"
+    type: str = "http"  # "http" | "tcp" | "grpc" (grpc.health.v1.Health/Check)
     path: str = "/healthz"
     host: str | None = None  # Host header of the check; default the backend address
     interval: float = 1.0
@@ -75,6 +85,7 @@ class HealthCheckConfig:
     rise: int = 2
     fall: int = 2
     expect_status: tuple[int, int] = (200, 399)  # inclusive range; YAML "200-399" or 200
+    service: str = ""  # grpc: the service asked about; "" asks about the server as a whole
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,34 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class EtcdDiscoveryConfig:
+    """Backends from an etcd v3 prefix: key PREFIX + NAME, value {"address", "weight"}."""
+
+    endpoints: tuple[Address, ...]
+    prefix: str
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class DnsDiscoveryConfig:
+    """Backends from DNS records, looked up every `interval` (capped by the records' TTL)."""
+
+    name: str
+    type: str = "A"  # "A" | "AAAA" | "SRV"
+    port: int | None = None  # required for A/AAAA; SRV records carry their own
+    resolver: Address | None = None  # None: the system's resolv.conf
+    interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """Where a pool takes backends from besides `backends:` (at least one is set)."""
+
+    etcd: EtcdDiscoveryConfig | None = None
+    dns: DnsDiscoveryConfig | None = None
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     name: str
     backends: tuple[BackendConfig, ...]
@@ -108,6 +147,9 @@ class PoolConfig:
     panic_threshold: int = 0  # percent; 0 = off
     retries: int = 2  # extra backends tried after the first, for a retryable failure
     queue: QueueConfig = field(default_factory=QueueConfig)
+    protocol: str = "http1"  # "http1" | "h2": what the balancer speaks to the backends
+    send_proxy_protocol: str = "none"  # "none" | "v1" | "v2": tell backends the client address
+    discovery: DiscoveryConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +182,14 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True)
+class HaInstanceConfig:
+    """One floating IP and this node's priority for it."""
+
+    virtual_ip: str  # "198.18.0.100/24"
+    priority: int = 100  # 1..254
+
+
+@dataclass(frozen=True)
 class HaConfig:
     node_id: str
     interface: str
@@ -152,6 +202,15 @@ class HaConfig:
     dead_after: float = 3.0  # default: 3 x advert_interval when not given
     preempt: bool = True
     notify: str | None = None  # command run with the new role as its last argument
+    # every floating IP this pair shares; the single-IP form (virtual_ip + priority) is one
+    # instance, filled in here, so HA code always reads `instances`. virtual_ip and priority
+    # stay the first instance's values for code that knows only one
+    instances: tuple[HaInstanceConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.instances:
+            only = HaInstanceConfig(virtual_ip=self.virtual_ip, priority=self.priority)
+            object.__setattr__(self, "instances", (only,))
 
 
 @dataclass(frozen=True)
