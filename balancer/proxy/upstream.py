@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
@@ -20,7 +20,6 @@ from balancer.proxy.http import CRLF, HOP_BY_HOP
 
 if TYPE_CHECKING:
     from balancer.backend import Backend
-    from balancer.proxy.client import Exchange
 
 log = logging.getLogger("balancer.proxy")
 
@@ -58,6 +57,25 @@ FAIL_TIMEOUT = "timeout"  # no response (or no next byte) within timeouts.backen
 FAIL_PROTOCOL = "protocol"  # the backend's answer was not valid HTTP
 
 
+class Relay(Protocol):
+    """What a backend connection reports to: the exchange it serves (proxy/exchange.py)."""
+
+    backend: Backend | None
+    is_head: bool
+    upgrade: bool
+
+    def response_head(self, conn: UpstreamConnection, *, has_body: bool, rechunk: bool) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_done(self, reusable: bool) -> None: ...
+    def upstream_failed(self, kind: str, reused: bool, exc: BaseException | None) -> None: ...
+    def upstream_broken(self, why: str) -> None: ...
+    def upstream_pause_writing(self) -> None: ...
+    def upstream_resume_writing(self) -> None: ...
+    def tunnel_open(self, conn: UpstreamConnection) -> bool: ...
+    def tunnel_from_upstream(self, data: bytes) -> None: ...
+    def tunnel_closed(self) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a backend."""
 
@@ -91,7 +109,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: BackendConnections) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
+        self.exchange: Relay | None = None
         self.reused = False
         self.closed = False
         self.idle_since = 0.0
