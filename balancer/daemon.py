@@ -153,7 +153,7 @@ class Daemon:
             return None
         from balancer.proxy.tls import build_ssl_context
 
-        return build_ssl_context(lc.tls)
+        return build_ssl_context(lc.tls, http2=getattr(lc, "http2", True))
 
     def _build_pools(self, cfg: Config, old: dict[str, Pool]) -> dict[str, Pool]:
         pools: dict[str, Pool] = {}
@@ -408,7 +408,7 @@ class Daemon:
         from balancer.proxy.tls import reload_certificates
 
         if listener.config.tls is not None and listener.ssl_context is not None:
-            reload_certificates(listener.ssl_context, listener.config.tls)
+            reload_certificates(listener.ssl_context, listener.config.tls, http2=listener.http2)
 
     # -- runtime backend changes (admin API) ------------------------------------------------
 

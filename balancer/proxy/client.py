@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("balancer.proxy")
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
 # What the connection deadline means when the watchdog fires.
 DL_IDLE = 0  # between requests: close quietly
 DL_HEAD = 1  # reading a request head: 408
@@ -64,6 +66,7 @@ class ClientProtocol(asyncio.Protocol):
         # timeouts
         "deadline",
         "deadline_kind",
+        "sniff",
     )
 
     def __init__(self, listener: Site, client_ip: str = "") -> None:
@@ -87,6 +90,7 @@ class ClientProtocol(asyncio.Protocol):
         self.tunnel: up.UpstreamConnection | None = None
         self.deadline = 0.0
         self.deadline_kind = DL_IDLE
+        self.sniff: bytes | None = None  # h2c listener: the first bytes, until they tell
 
     # -- connection ------------------------------------------------------------------------
 
@@ -97,6 +101,14 @@ class ClientProtocol(asyncio.Protocol):
             self.client_ip = peer[0] if peer else "unknown"
         self.client_ip_b = self.client_ip.encode()
         listener = self.listener
+        if listener.h2_protocol is not None:
+            if listener.ssl_context is None:
+                self.sniff = b""  # prior-knowledge HTTP/2 starts with its preface
+            else:
+                tls = transport.get_extra_info("ssl_object")
+                if tls is not None and tls.selected_alpn_protocol() == "h2":
+                    self._hand_over(b"")
+                    return
         self.admitted = True  # counted against the connection caps by the listener at accept
         listener.connections.add(self)
         # the first request head must be complete within client_header of the accept (not of
@@ -149,13 +161,13 @@ class ClientProtocol(asyncio.Protocol):
         self.write_paused = True
         ex = self.active
         if ex is not None and ex.conn is not None:
-            ex.conn.transport.pause_reading()
+            ex.conn.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         ex = self.active
         if ex is not None and ex.conn is not None and not ex.conn.closed:
-            ex.conn.transport.resume_reading()
+            ex.conn.resume_reading()
 
     def pause(self, reason: int) -> None:
         if not self.read_pause and not self.closed:
@@ -169,6 +181,15 @@ class ClientProtocol(asyncio.Protocol):
                 self.transport.resume_reading()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
+        if self.sniff is not None:
+            data = self.sniff + data
+            if len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+                self.sniff = data
+                return
+            self.sniff = None
+            if data.startswith(H2_PREFACE):
+                self._hand_over(data)
+                return
         if self.tunnel is not None:
             # every byte either way keeps an upgraded connection alive (DL_TUNNEL)
             self.deadline = self.listener.loop_time() + self.listener.timeouts.client_idle
@@ -212,6 +233,23 @@ class ClientProtocol(asyncio.Protocol):
             self.head_raw += len(data)
             if self.head_raw > self.listener.limits.config.max_header_bytes > 0:
                 self.reject(431, "request header fields too large")
+
+    def _hand_over(self, data: bytes) -> None:
+        """The client speaks HTTP/2: the connection goes to the listener's HTTP/2 protocol,
+        which takes over its place under the connection caps."""
+        listener = self.listener
+        if self.admitted:
+            self.admitted = False
+            listener.connections.discard(self)
+            listener.watchdog.discard(self)
+        self.closed = True
+        self.parser = None  # type: ignore[assignment]
+        h2 = listener.h2_protocol(listener, self.client_ip)  # type: ignore[misc]
+        transport = self.transport
+        transport.set_protocol(h2)  # type: ignore[union-attr]
+        h2.connection_made(transport)
+        if data:
+            h2.data_received(data)
 
     # -- httptools callbacks ---------------------------------------------------------------
 

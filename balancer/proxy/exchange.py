@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from balancer import sticky as sticky_cookie
@@ -102,6 +102,7 @@ class Site(Protocol):
     upstreams: up.Upstreams
     watchdog: up.Watchdog
     observer: Observers
+    h2_protocol: Callable[[Site, str], asyncio.Protocol] | None
 
     def loop_time(self) -> float: ...
 
@@ -488,8 +489,11 @@ class Exchange:
         if client.closing:
             self.client_close = True
         if self.expect_continue and not self.request_complete:
-            client.write(CONTINUE_100)
+            self._send_continue()
         self.dispatch()
+
+    def _send_continue(self) -> None:
+        self.client.write(CONTINUE_100)
 
     def dispatch(self) -> None:
         pool = self.pool
@@ -574,7 +578,7 @@ class Exchange:
             conn.send(head)
         client = self.client
         if client.write_paused:
-            conn.transport.pause_reading()
+            conn.pause_reading()
         client.resume(PAUSE_CONNECTING)
         if self.request_complete:
             conn.request_sent()

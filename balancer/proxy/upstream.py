@@ -424,6 +424,13 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
 
+    def pause_reading(self) -> None:
+        """The client can't take more of the response now."""
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()  # type: ignore[union-attr]
+
     def request_sent(self) -> None:
         """The whole request is on its way: the backend's response time starts now."""
         if self.state == HEAD:
