@@ -105,6 +105,9 @@ class H2ClientConnection(asyncio.Protocol):
                 * (limits.max_header_bytes or 65536),
             },
         )
+        # until the client acknowledges these settings, h2 decodes with its defaults: the
+        # decoder's cap is ours from the first frame
+        self.h2.decoder.max_header_list_size = 2 * (limits.max_header_bytes or 65536)
         self.streams: dict[int, H2Stream] = {}
         self.admitted = False
         self.closed = False

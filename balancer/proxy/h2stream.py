@@ -203,6 +203,7 @@ class H2Stream:
         """The request's HEADERS: map them and start the exchange, or answer an error."""
         ex = H2Exchange(self)
         self.exchange = ex
+        self.request_ended = end_stream
         try:
             map_request(ex, fields, end_stream, self.listener)
             ex.version = "1.1"  # prepare() builds the HTTP/1.1 request a backend reads
@@ -225,11 +226,18 @@ class H2Stream:
         max_body = self.listener.limits.config.max_body_bytes
         if max_body and ex.body_received > max_body:
             self.owner.acknowledge(self, flow_size)
+            if ex.response_started:
+                self.owner.reset_stream(self, 8)  # CANCEL: mid-answer, nothing else to say
+                self.reset_by_client()
+                self.owner.stream_finished(self)
+                return
             ex.abandon_upstream()
             ex.gone = False
             ex.local_error(413, "request body too large")
             return
-        if ex.chunked:
+        if not data:
+            pass  # an empty DATA frame: as a chunk it would read as the body's end
+        elif ex.chunked:
             ex.request_body(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             ex.request_body(data)
@@ -241,7 +249,7 @@ class H2Stream:
     def request_done(self) -> None:
         self.request_ended = True
         ex = self.exchange
-        if ex is None or ex.finished:
+        if ex is None or ex.finished or ex.request_complete:
             return
         if ex.chunked:
             ex.request_body(CHUNKED_END)
