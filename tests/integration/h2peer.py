@@ -194,8 +194,8 @@ class H2Peer:
                 return True
         return False
 
-    def get(self, path: str = "/", **kw) -> StreamResult:  # type: ignore[no-untyped-def]
-        return self.wait(self.request(path, **kw))
+    def get(self, path: str = "/", *, timeout: float = 10.0, **kw) -> StreamResult:  # type: ignore[no-untyped-def]
+        return self.wait(self.request(path, **kw), timeout=timeout)
 
     def close(self) -> None:
         try:
