@@ -18,6 +18,7 @@ from balancer.backend import Backend, BackendState
 from balancer.config import Address, BackendConfig, Config, ConfigError, PoolConfig
 from balancer.health import ActiveChecker, maintain_forever
 from balancer.pool import Pool, PoolEvents, backend_from_config
+from balancer.proxy.h2upstream import H2BackendConnections
 from balancer.proxy.limits import ClientLimits
 from balancer.proxy.listener import HttpListener, Listener
 from balancer.proxy.observe import AccessLog, Observer
@@ -90,6 +91,7 @@ class Daemon:
             connect_timeout=cfg.timeouts.connect,
             backend_timeout=cfg.timeouts.backend,
             idle_timeout=cfg.timeouts.upstream_idle,
+            h2_pools=H2BackendConnections,
         )
         self.limits = ClientLimits(process_limits(cfg))
         self.access_log = AccessLog(cfg.access_log)

@@ -525,7 +525,7 @@ class Exchange:
         self.backend = b
         self.backend_name = b.name
         pool.begin(b)
-        conns = self.listener.upstreams.for_backend(b)
+        conns = self.listener.upstreams.for_backend(b, pool.h2_backends)
         conn = conns.acquire_idle()
         if conn is not None:
             self._attach(conn)
@@ -599,7 +599,7 @@ class Exchange:
             # a pooled keep-alive connection the backend had already closed: not the
             # backend's fault, and it never saw the request; try once on a fresh connection
             self.stale_retry = False
-            conns = self.listener.upstreams.for_backend(b)  # type: ignore[arg-type]
+            conns = self.listener.upstreams.for_backend(b, self.pool.h2_backends)  # type: ignore[arg-type,union-attr]
             asyncio.get_running_loop().create_task(self._connect(conns, b))  # type: ignore[arg-type]
             return
         if kind == up.FAIL_TIMEOUT:
@@ -724,6 +724,10 @@ class Exchange:
                 self.client.writelines((held, data))
                 return
         self.client.write(data)
+
+    def response_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """Trailers from an HTTP/2 backend: an HTTP/1.1 client, whose body is re-chunked
+        without a trailer section, does not get them."""
 
     def response_done(self, reusable: bool) -> None:
         self.conn = None

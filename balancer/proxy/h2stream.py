@@ -175,12 +175,14 @@ class H2Stream:
         if not self.closed:
             if ex.grpc and self.headers_sent:  # type: ignore[attr-defined]
                 # a gRPC call cut by its backend: UNAVAILABLE in trailers, which a gRPC client
-                # may retry, rather than a reset that reads as INTERNAL
+                # may retry, rather than a reset that reads as INTERNAL (DEADLINE_EXCEEDED
+                # when it was the call's grpc-timeout that ran out)
+                late = ex.timed_out
                 self.owner.send_headers(
                     self,
                     [
-                        (b"grpc-status", GRPC_UNAVAILABLE),
-                        (b"grpc-message", b"backend failed mid-call"),
+                        (b"grpc-status", GRPC_DEADLINE_EXCEEDED if late else GRPC_UNAVAILABLE),
+                        (b"grpc-message", b"deadline exceeded" if late else b"backend failed"),
                     ],
                     end=True,
                 )
@@ -319,11 +321,12 @@ def map_request(
 class H2Exchange(Exchange):
     """An Exchange whose answer goes out as HTTP/2 frames on one stream."""
 
-    __slots__ = ("grpc",)
+    __slots__ = ("grpc", "grpc_status")
 
     def __init__(self, stream: H2Stream) -> None:
         super().__init__(stream)  # type: ignore[arg-type]
         self.grpc = False
+        self.grpc_status = b""
 
     def _send_continue(self) -> None:
         stream: H2Stream = self.client  # type: ignore[assignment]
@@ -382,7 +385,11 @@ class H2Exchange(Exchange):
         self.status = status = conn.status
         self.body_buf.clear()
         self.replayable = False
-        fields = [(b":status", b"%d" % status), *response_fields(conn.head_out)]
+        given = conn.h2_fields
+        fields = [
+            (b":status", b"%d" % status),
+            *(given if given is not None else response_fields(conn.head_out)),
+        ]
         pool = self.pool
         if pool is not None and pool.sticky is not None:
             b = self.backend
@@ -403,6 +410,15 @@ class H2Exchange(Exchange):
         stream: H2Stream = self.client  # type: ignore[assignment]
         if not stream.closed:
             stream.owner.send_body(stream, bytes(data))
+
+    def response_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        stream: H2Stream = self.client  # type: ignore[assignment]
+        if not stream.closed and not stream.ended:
+            if self.grpc:
+                for name, value in fields:
+                    if name == b"grpc-status":
+                        self.grpc_status = value
+            stream.owner.send_headers(stream, fields, end=True)
 
     def response_done(self, reusable: bool) -> None:
         self.conn = None
