@@ -155,7 +155,7 @@ class Daemon:
             return None
         from balancer.proxy.tls import build_ssl_context
 
-        return build_ssl_context(lc.tls, http2=getattr(lc, "http2", True))
+        return build_ssl_context(lc.tls, http2=lc.http2)
 
     def _build_pools(self, cfg: Config, old: dict[str, Pool]) -> dict[str, Pool]:
         pools: dict[str, Pool] = {}

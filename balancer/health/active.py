@@ -313,7 +313,7 @@ class ActiveChecker:
             async with asyncio.timeout(self.config.timeout):
                 reader, writer = await self._connect(backend)
                 host = self.config.host or backend.address
-                await grpc_check(reader, writer, host, getattr(self.config, "service", ""))
+                await grpc_check(reader, writer, host, self.config.service)
         except h2.exceptions.ProtocolError as e:
             raise CheckFailed(f"not HTTP/2: {e}") from None
         finally:

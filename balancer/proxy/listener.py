@@ -316,7 +316,7 @@ class HttpListener(Listener):
         self.redirect = config.redirect_https.encode() if config.redirect_https else None
         self.max_head = self.limits.config.max_header_bytes or (1 << 20)
         # HTTP/2 beside HTTP/1.1: chosen by ALPN on TLS, by the client's preface on plain
-        self.http2 = getattr(config, "http2", config.tls is not None)  # until the config key lands
+        self.http2 = config.http2
         self.h2_protocol = H2ClientConnection if self.http2 else None
 
     def protocol(self, client_ip: str) -> ClientProtocol:

@@ -238,3 +238,27 @@ def test_backend_dying_mid_response_resets_only_that_stream(procs, ca):
         assert not peer.closed  # the connection and its other streams live on
     finally:
         peer.close()
+
+
+def test_plain_listener_with_http2_speaks_h2c_and_http1(procs):
+    b1 = procs.demo_backend("app1")
+    cfg = config([("app1", b1)])
+    cfg["listeners"][0]["http2"] = True
+    lb = procs.balancer(cfg)
+    url = f"http://127.0.0.1:{lb.port}/healthz"
+    fmt = ["-o", "/dev/null", "-w", "%{http_version} %{http_code}"]
+    h2c = subprocess.run(
+        ["curl", "-s", "--http2-prior-knowledge", url, *fmt], capture_output=True, text=True
+    )
+    assert h2c.stdout == "2 200", h2c
+    h1 = subprocess.run(["curl", "-s", "--http1.1", url, *fmt], capture_output=True, text=True)
+    assert h1.stdout == "1.1 200", h1
+    # a plain listener without http2 keeps answering the preface as a bad HTTP/1.1 request
+    cfg2 = config([("app1", b1)])
+    lb2 = procs.balancer(cfg2, name="lb2")
+    plain = subprocess.run(
+        ["curl", "-s", "--http2-prior-knowledge", f"http://127.0.0.1:{lb2.port}/", *fmt],
+        capture_output=True,
+        text=True,
+    )
+    assert plain.stdout != "2 200", plain
