@@ -18,6 +18,7 @@ from balancer.backend import Backend, BackendState
 from balancer.config import Address, BackendConfig, Config, ConfigError, PoolConfig
 from balancer.health import ActiveChecker, maintain_forever
 from balancer.pool import Pool, PoolEvents, backend_from_config
+from balancer.proxy.h2upstream import H2BackendConnections
 from balancer.proxy.limits import ClientLimits
 from balancer.proxy.listener import HttpListener, Listener
 from balancer.proxy.observe import AccessLog, Observer
@@ -90,6 +91,7 @@ class Daemon:
             connect_timeout=cfg.timeouts.connect,
             backend_timeout=cfg.timeouts.backend,
             idle_timeout=cfg.timeouts.upstream_idle,
+            h2_pools=H2BackendConnections,
         )
         self.limits = ClientLimits(process_limits(cfg))
         self.access_log = AccessLog(cfg.access_log)
@@ -153,7 +155,7 @@ class Daemon:
             return None
         from balancer.proxy.tls import build_ssl_context
 
-        return build_ssl_context(lc.tls)
+        return build_ssl_context(lc.tls, http2=lc.http2)
 
     def _build_pools(self, cfg: Config, old: dict[str, Pool]) -> dict[str, Pool]:
         pools: dict[str, Pool] = {}
@@ -408,7 +410,7 @@ class Daemon:
         from balancer.proxy.tls import reload_certificates
 
         if listener.config.tls is not None and listener.ssl_context is not None:
-            reload_certificates(listener.ssl_context, listener.config.tls)
+            reload_certificates(listener.ssl_context, listener.config.tls, http2=listener.http2)
 
     # -- runtime backend changes (admin API) ------------------------------------------------
 

@@ -67,6 +67,8 @@ class Pool:
         )
         # sticky: a codec from balancer.sticky (or None) and the tag -> backend map it uses
         self.sticky = sticky_codec
+        # the proxy speaks HTTP/2 (h2c) to this pool's backends: gRPC
+        self.h2_backends = config.protocol == "h2"
         self.sticky_cookie_name = (config.sticky.cookie if config.sticky else "").encode()
         self.sticky_cookie_prefix = self.sticky_cookie_name + b"="
         self._by_tag: dict[bytes, Backend] = {}

@@ -23,7 +23,7 @@ from balancer.pool import Pool, PoolEvents
 
 if TYPE_CHECKING:
     from balancer.daemon import Daemon
-    from balancer.proxy.client import Exchange
+    from balancer.proxy.exchange import Exchange
 
 # Request duration buckets in seconds: fine below 100 ms where a proxy's answers mostly are,
 # coarse up to the default 30 s backend timeout.

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from balancer.config import Address
+from balancer.config import MAX_NODE_ID_BYTES, Address
 from balancer.ha.state import Role
 
 log = logging.getLogger("balancer.ha")
@@ -58,7 +58,6 @@ MAX_INSTANCES = 32
 # forming) but logged as weak: heartbeats are HMAC-signed, and a short key can be guessed
 # offline from one captured datagram.
 STRONG_KEY_BYTES = 16
-MAX_NODE_ID_BYTES = 64
 
 FLAG_RESIGNING = 0x01
 FLAG_READY = 0x02

@@ -10,9 +10,13 @@ import time
 from collections import deque
 from typing import Any
 
+import h2.exceptions
+
 from balancer.backend import Backend, parse_load
 from balancer.config import HealthCheckConfig
 from balancer.health.counter import RiseFall
+from balancer.health.grpc_probe import ProbeFailed
+from balancer.health.grpc_probe import check as grpc_check
 from balancer.pool import Pool
 
 log = logging.getLogger("balancer.health")
@@ -68,8 +72,8 @@ class ActiveChecker:
         *,
         connect_timeout: float | None = None,
     ) -> None:
-        if config.type not in ("http", "tcp"):
-            raise ValueError(f"health check type must be http or tcp, not {config.type!r}")
+        if config.type not in ("http", "tcp", "grpc"):
+            raise ValueError(f"health check type must be http, tcp or grpc, not {config.type!r}")
         if config.type == "http" and (
             not config.path.startswith("/") or any(c.isspace() or ord(c) < 32 for c in config.path)
         ):
@@ -203,6 +207,8 @@ class ActiveChecker:
         try:
             if self.config.type == "tcp":
                 await self._probe_tcp(backend)
+            elif self.config.type == "grpc":
+                await self._probe_grpc(backend)
             else:
                 status, load = await self._probe_http(backend, target.request)
                 lo, hi = self.config.expect_status
@@ -210,7 +216,7 @@ class ActiveChecker:
                     error = f"status {status} not in {lo}-{hi}"
         except TimeoutError:
             error = f"timed out after {self.config.timeout:g}s"
-        except CheckFailed as e:
+        except (CheckFailed, ProbeFailed) as e:
             error = str(e)
         except ConnectionRefusedError:
             error = "connection refused"
@@ -300,6 +306,19 @@ class ActiveChecker:
         async with asyncio.timeout(self.config.timeout):
             _, writer = await self._connect(backend)
         writer.close()
+
+    async def _probe_grpc(self, backend: Backend) -> None:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                reader, writer = await self._connect(backend)
+                host = self.config.host or backend.address
+                await grpc_check(reader, writer, host, self.config.service)
+        except h2.exceptions.ProtocolError as e:
+            raise CheckFailed(f"not HTTP/2: {e}") from None
+        finally:
+            if writer is not None:
+                writer.close()
 
     async def _probe_http(self, backend: Backend, request: bytes) -> tuple[int, float | None]:
         """Send the check request; return the status and the load reported (if any)."""

@@ -13,6 +13,7 @@ from collections.abc import Coroutine
 
 from balancer.config import ListenerConfig, TimeoutsConfig
 from balancer.proxy.client import ClientProtocol
+from balancer.proxy.h2client import H2ClientConnection
 from balancer.proxy.http import local_response
 from balancer.proxy.limits import ClientLimits
 from balancer.proxy.observe import Observer
@@ -314,6 +315,9 @@ class HttpListener(Listener):
         self.scheme = b"https" if config.tls else b"http"
         self.redirect = config.redirect_https.encode() if config.redirect_https else None
         self.max_head = self.limits.config.max_header_bytes or (1 << 20)
+        # HTTP/2 beside HTTP/1.1: chosen by ALPN on TLS, by the client's preface on plain
+        self.http2 = config.http2
+        self.h2_protocol = H2ClientConnection if self.http2 else None
 
     def protocol(self, client_ip: str) -> ClientProtocol:
         return ClientProtocol(self, client_ip)
@@ -330,6 +334,7 @@ class HttpListener(Listener):
             "bind": str(self.config.bind),
             "mode": self.config.mode,
             "tls": self.config.tls is not None,
+            "http2": self.http2,
             "connections": len(self.connections),
             "refused": self.refused,
             "accept_errors": self.accept_errors,

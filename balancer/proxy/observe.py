@@ -17,7 +17,7 @@ FLUSH_AT = 64 * 1024
 
 if TYPE_CHECKING:
     from balancer.backend import Backend
-    from balancer.proxy.client import Exchange
+    from balancer.proxy.exchange import Exchange
 
 
 class AccessLog:

@@ -10,12 +10,17 @@ from balancer.config import TlsConfig
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5:!DSS:!SHA1:!CBC"
 
 
-def _base_context(min_version: str) -> ssl.SSLContext:
+def alpn_protocols(http2: bool) -> list[str]:
+    """What the listener offers in ALPN: browsers pick h2 when it is first."""
+    return ["h2", "http/1.1"] if http2 else ["http/1.1"]
+
+
+def _base_context(min_version: str, alpn: list[str]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(alpn)
     return ctx
 
 
@@ -38,7 +43,8 @@ class SniSelector:
     """Maps a client's SNI name to the context holding the matching certificate; the first
     certificate is the default when no name matches or the client sends none."""
 
-    def __init__(self, tls: TlsConfig) -> None:
+    def __init__(self, tls: TlsConfig, alpn: list[str]) -> None:
+        self.alpn = alpn
         self.load(tls)
 
     def load(self, tls: TlsConfig) -> None:
@@ -48,7 +54,7 @@ class SniSelector:
         wildcard: dict[str, ssl.SSLContext] = {}
         contexts = []
         for c in tls.certificates:
-            ctx = _base_context(tls.min_version)
+            ctx = _base_context(tls.min_version, self.alpn)
             ctx.load_cert_chain(c.cert, c.key)
             contexts.append(ctx)
             for name in _names_of(c.cert):
@@ -72,10 +78,13 @@ class SniSelector:
         return ctx or self.contexts[0]
 
 
-def build_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
-    """The listener's context: the first certificate, and an SNI callback for the others."""
-    selector = SniSelector(tls)
-    outer = _base_context(tls.min_version)
+def build_ssl_context(tls: TlsConfig, *, http2: bool = False) -> ssl.SSLContext:
+    """The listener's context: the first certificate, and an SNI callback for the others.
+    ALPN is offered on every context: the one the SNI callback switches to is the one
+    OpenSSL asks."""
+    alpn = alpn_protocols(http2)
+    selector = SniSelector(tls, alpn)
+    outer = _base_context(tls.min_version, alpn)
     first = tls.certificates[0]
     outer.load_cert_chain(first.cert, first.key)
 
@@ -91,12 +100,15 @@ def build_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return outer
 
 
-def reload_certificates(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
+def reload_certificates(ctx: ssl.SSLContext, tls: TlsConfig, *, http2: bool = False) -> None:
     """Load renewed certificate files into a live listener's context (new handshakes use
     them; established connections are unaffected). `ctx` must be the context the listening
     server was created with. All or nothing: on a bad file this raises (ssl.SSLError or
     OSError) and the previous certificates keep serving."""
-    ctx.balancer_sni.load(tls)  # type: ignore[attr-defined]
+    selector = ctx.balancer_sni  # type: ignore[attr-defined]
+    selector.alpn = alpn_protocols(http2)
+    selector.load(tls)
+    ctx.set_alpn_protocols(selector.alpn)
     # the protocol floor is read from the context the connection started on, not from the
     # one the SNI callback switches to
     ctx.minimum_version = (

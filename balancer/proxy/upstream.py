@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
@@ -20,7 +21,6 @@ from balancer.proxy.http import CRLF, HOP_BY_HOP
 
 if TYPE_CHECKING:
     from balancer.backend import Backend
-    from balancer.proxy.client import Exchange
 
 log = logging.getLogger("balancer.proxy")
 
@@ -58,8 +58,32 @@ FAIL_TIMEOUT = "timeout"  # no response (or no next byte) within timeouts.backen
 FAIL_PROTOCOL = "protocol"  # the backend's answer was not valid HTTP
 
 
+class Relay(Protocol):
+    """What a backend connection reports to: the exchange it serves (proxy/exchange.py)."""
+
+    backend: Backend | None
+    is_head: bool
+    upgrade: bool
+
+    def response_head(self, conn: UpstreamConnection, *, has_body: bool, rechunk: bool) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_done(self, reusable: bool) -> None: ...
+    def upstream_failed(self, kind: str, reused: bool, exc: BaseException | None) -> None: ...
+    def upstream_broken(self, why: str) -> None: ...
+    def upstream_pause_writing(self) -> None: ...
+    def upstream_resume_writing(self) -> None: ...
+    def tunnel_open(self, conn: UpstreamConnection) -> bool: ...
+    def tunnel_from_upstream(self, data: bytes) -> None: ...
+    def tunnel_closed(self) -> None: ...
+    def response_trailers(self, fields: list[tuple[bytes, bytes]]) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a backend."""
+
+    # the response fields as a list, where a backend gave them so (HTTP/2): None here, the
+    # head is bytes (head_out)
+    h2_fields = None
 
     __slots__ = (
         "pool",
@@ -91,7 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: BackendConnections) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
+        self.exchange: Relay | None = None
         self.reused = False
         self.closed = False
         self.idle_since = 0.0
@@ -406,6 +430,13 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
 
+    def pause_reading(self) -> None:
+        """The client can't take more of the response now."""
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()  # type: ignore[union-attr]
+
     def request_sent(self) -> None:
         """The whole request is on its way: the backend's response time starts now."""
         if self.state == HEAD:
@@ -577,6 +608,7 @@ class Upstreams:
         # sees (a lower cap closes and reopens connections under load); unused ones are
         # still closed after timeouts.upstream_idle
         max_idle: int = 1024,
+        h2_pools: Callable[..., Any] | None = None,
     ) -> None:
         self.loop = loop
         self.watchdog = watchdog
@@ -584,14 +616,37 @@ class Upstreams:
         self.backend_timeout = backend_timeout
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
-        self._by_address: dict[tuple[str, int], BackendConnections] = {}
+        self.h2_pools = h2_pools  # makes the pool of a `protocol: h2` backend
+        self._by_address: dict[tuple[str, int], Any] = {}
+        self._h2_by_address: dict[tuple[str, int], Any] = {}
 
-    def for_backend(self, backend: Backend) -> BackendConnections:
+    def for_backend(self, backend: Backend, h2: bool = False) -> BackendConnections:
         key = (backend.host, backend.port)
+        if h2:
+            return self._h2_for(key)
         conns = self._by_address.get(key)
         if conns is None:
             conns = self._by_address[key] = BackendConnections(backend.host, backend.port, self)
         return conns
+
+    def _h2_for(self, key: tuple[str, int]) -> Any:
+        conns = self._h2_by_address.get(key)
+        if conns is None:
+            if self.h2_pools is None:
+                raise RuntimeError("HTTP/2 backends are not wired")
+            conns = self._h2_by_address[key] = self.h2_pools(
+                key[0],
+                key[1],
+                watchdog=self.watchdog,
+                loop=self.loop,
+                connect_timeout=self.connect_timeout,
+                backend_timeout=self.backend_timeout,
+                idle_timeout=self.idle_timeout,
+            )
+        return conns
+
+    def _all(self) -> list[Any]:
+        return [*self._by_address.values(), *self._h2_by_address.values()]
 
     def retune(
         self, *, connect_timeout: float, backend_timeout: float, idle_timeout: float
@@ -600,17 +655,19 @@ class Upstreams:
         self.connect_timeout = connect_timeout
         self.backend_timeout = backend_timeout
         self.idle_timeout = idle_timeout
-        for c in self._by_address.values():
+        for c in self._all():
             c.connect_timeout = connect_timeout
             c.backend_timeout = backend_timeout
             c.idle_timeout = idle_timeout
 
     def drop(self, host: str, port: int) -> None:
-        conns = self._by_address.pop((host, port), None)
-        if conns is not None:
-            conns.close_idle()
+        for table in (self._by_address, self._h2_by_address):
+            conns = table.pop((host, port), None)
+            if conns is not None:
+                conns.close_idle()
 
     def close_all(self) -> None:
-        for conns in self._by_address.values():
+        for conns in self._all():
             conns.close_idle()
         self._by_address.clear()
+        self._h2_by_address.clear()

@@ -17,13 +17,18 @@ from hypothesis import strategies as st
 
 import balancer.strategies
 from balancer.config import (
+    MAX_NODE_ID_BYTES,
     AccessLogConfig,
     Address,
     AdminConfig,
     BackendConfig,
     Config,
     ConfigError,
+    DiscoveryConfig,
+    DnsDiscoveryConfig,
+    EtcdDiscoveryConfig,
     HaConfig,
+    HaInstanceConfig,
     HealthCheckConfig,
     LimitsConfig,
     ListenerConfig,
@@ -1330,7 +1335,7 @@ def test_pool_sections(section: str, location: str, fragment: str) -> None:
 @pytest.mark.parametrize(
     ("field", "fragment"),
     [
-        ("type: grpc", "must be one of http | tcp, got 'grpc'"),
+        ("type: udp", "must be one of http | tcp | grpc, got 'udp'"),
         ("rise: 0", "must be >= 1, got 0"),
         ("fall: 0", "must be >= 1, got 0"),
         ("interval: 0s", "must be greater than 0"),
@@ -1995,3 +2000,489 @@ pools:
 """
     expect(text, "listeners[0].bind", "port 0 (any free port) cannot be shared by 2 worker")
     assert parse(text.replace("workers: 2", "workers: 1")).listeners[0].bind.port == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP/2, gRPC and the PROXY protocol
+# ---------------------------------------------------------------------------------------------
+
+
+def test_listener_http2_and_proxy_protocol_defaults(certs: dict[str, str]) -> None:
+    tls = f'{{certificates: [{{cert: "{certs["cert"]}", key: "{certs["key"]}"}}]}}'
+    config = parse(
+        listeners(
+            f"""\
+            - {{name: plain, bind: "127.0.0.1:8080", routes: [{{pool: web}}]}}
+            - {{name: https, bind: "127.0.0.1:8443", routes: [{{pool: web}}], tls: {tls}}}
+            - {{name: db, bind: "127.0.0.1:15432", mode: tcp, pool: db}}
+            """
+        )
+    )
+    plain, https, db = config.listeners
+    assert (plain.http2, https.http2, db.http2) == (False, True, False)
+    assert (plain.proxy_protocol, https.proxy_protocol, db.proxy_protocol) == (False,) * 3
+    # built by hand, the same default applies
+    assert ListenerConfig(name="x", bind=Address("127.0.0.1", 1), tls=https.tls).http2 is True
+    assert ListenerConfig(name="x", bind=Address("127.0.0.1", 1)).http2 is False
+
+
+def test_listener_http2_and_proxy_protocol_given(certs: dict[str, str]) -> None:
+    tls = f'{{certificates: [{{cert: "{certs["cert"]}", key: "{certs["key"]}"}}]}}'
+    config = parse(
+        listeners(
+            f"""\
+            - {{name: h2c, bind: "127.0.0.1:8080", http2: true, routes: [{{pool: web}}]}}
+            - {{name: h1, bind: "127.0.0.1:8443", http2: false, tls: {tls}, routes: [{{pool: web}}]}}
+            - {{name: nlb, bind: "127.0.0.1:8090", proxy_protocol: true, routes: [{{pool: web}}]}}
+            - {{name: db, bind: "127.0.0.1:15432", mode: tcp, pool: db, proxy_protocol: true}}
+            """
+        )
+    )
+    h2c, h1, nlb, db = config.listeners
+    assert (h2c.http2, h1.http2, nlb.http2, db.http2) == (True, False, False, False)
+    assert (nlb.proxy_protocol, db.proxy_protocol, h2c.proxy_protocol) == (True, True, False)
+
+
+@pytest.mark.parametrize(
+    ("field", "location", "fragment"),
+    [
+        ('http2: "on"', "http2", "expected true or false, got a string"),
+        ("http2: 2", "http2", "expected true or false, got an integer"),
+        ("proxy_protocol: v2", "proxy_protocol", "expected true or false, got a string"),
+        ("proxy_protocol: [v1]", "proxy_protocol", "expected true or false, got a list"),
+    ],
+)
+def test_listener_http2_and_proxy_protocol_bad_values(
+    field: str, location: str, fragment: str
+) -> None:
+    text = listeners(
+        f"""\
+        - name: http
+          bind: "127.0.0.1:8080"
+          routes: [{{pool: web}}]
+          {field}   # <-
+        """
+    )
+    expect(text, f"listeners[0].{location}", fragment)
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_http2_on_a_tcp_listener_is_refused(value: str) -> None:
+    text = listeners(
+        f"""\
+        - name: db
+          bind: "127.0.0.1:15432"
+          mode: tcp
+          pool: db
+          http2: {value}   # <-
+        """
+    )
+    expect(text, "listeners[0].http2", "http2 is for http listeners")
+
+
+def test_pool_protocol_and_send_proxy_protocol() -> None:
+    config = parse(MINIMAL)
+    web = config.pools["web"]
+    assert (web.protocol, web.send_proxy_protocol, web.discovery) == ("http1", "none", None)
+    text = """\
+listeners:
+  - {name: http, bind: "127.0.0.1:8080", routes: [{pool: grpc}, {pool: web}]}
+  - {name: db, bind: "127.0.0.1:15432", mode: tcp, pool: db}
+pools:
+  grpc:
+    protocol: h2
+    send_proxy_protocol: v2
+    backends: [{name: g1, address: "127.0.0.1:50051"}]
+  web:
+    protocol: http1
+    send_proxy_protocol: v1
+    backends: [{name: a, address: "127.0.0.1:9001"}]
+  db:
+    send_proxy_protocol: v2
+    backends: [{name: pg, address: "127.0.0.1:5432"}]
+"""
+    pools = parse(text).pools
+    assert (pools["grpc"].protocol, pools["grpc"].send_proxy_protocol) == ("h2", "v2")
+    assert (pools["web"].protocol, pools["web"].send_proxy_protocol) == ("http1", "v1")
+    assert (pools["db"].protocol, pools["db"].send_proxy_protocol) == ("http1", "v2")
+
+
+@pytest.mark.parametrize(
+    ("field", "fragment"),
+    [
+        ("protocol: http2", "must be one of http1 | h2, got 'http2'"),
+        ("protocol: http", "must be one of http1 | h2, got 'http' (did you mean 'http1'?)"),
+        ("protocol: 2", "expected one of http1 | h2, got an integer"),
+        ("send_proxy_protocol: v3", "must be one of none | v1 | v2, got 'v3'"),
+        ("send_proxy_protocol: true", "expected one of none | v1 | v2, got a boolean"),
+    ],
+)
+def test_pool_protocol_bad_values(field: str, fragment: str) -> None:
+    key = field.split(":")[0]
+    expect(pool(f"{field}   # <-\n" + ONE_BACKEND), f"pools.web.{key}", fragment)
+
+
+def test_h2_pool_behind_a_tcp_listener_is_refused() -> None:
+    text = """\
+listeners:
+  - {name: db, bind: "127.0.0.1:15432", mode: tcp, pool: db}
+pools:
+  db:
+    protocol: h2   # <-
+    backends: [{name: pg, address: "127.0.0.1:5432"}]
+"""
+    problem = expect(text, "pools.db.protocol", "protocol h2 is for pools behind http listeners")
+    assert "tcp listener 'db'" in problem.message
+
+
+def test_h2_pool_behind_a_tcp_listener_is_reported_beside_other_problems() -> None:
+    text = """\
+listeners:
+  - {name: db, bind: "127.0.0.1:15432", mode: tcp, pool: db}
+  - {name: web, bind: "127.0.0.1:8080", routes: [{pool: web}]}
+pools:
+  db:
+    protocol: h2
+    backends: [{name: pg, address: "127.0.0.1:5432"}]
+  web:
+    backends: [{name: a, address: "127.0.0.1:0"}]
+"""
+    found = problems_of(text)
+    assert [(p.location, p.line) for p in found] == [
+        ("pools.db.protocol", 6),
+        ("pools.web.backends[0].address", 9),
+    ]
+
+
+def test_grpc_health_check() -> None:
+    config = parse(pool("protocol: h2\nhealth_check: {type: grpc}\n" + ONE_BACKEND))
+    check = config.pools["web"].health_check
+    assert check is not None and (check.type, check.service) == ("grpc", "")
+    config = parse(
+        pool(
+            "protocol: h2\nhealth_check: {type: grpc, service: helloworld.Greeter}\n" + ONE_BACKEND
+        )
+    )
+    check = config.pools["web"].health_check
+    assert check is not None and check.service == "helloworld.Greeter"
+    # explicit empty service: the server as a whole
+    config = parse(pool('protocol: h2\nhealth_check: {type: grpc, service: ""}\n' + ONE_BACKEND))
+    assert config.pools["web"].health_check.service == ""
+    assert HealthCheckConfig().service == ""
+
+
+@pytest.mark.parametrize("protocol", ["", "protocol: http1\n"])
+def test_grpc_health_check_needs_h2(protocol: str) -> None:
+    text = pool(protocol + "health_check:\n  type: grpc   # <-\n" + ONE_BACKEND)
+    expect(text, "pools.web.health_check.type", "a grpc health check needs protocol: h2")
+
+
+def test_grpc_health_check_with_a_wrong_protocol_reports_the_protocol_only() -> None:
+    text = pool("protocol: h3   # <-\nhealth_check: {type: grpc}\n" + ONE_BACKEND)
+    expect(text, "pools.web.protocol", "must be one of http1 | h2")
+
+
+@pytest.mark.parametrize(
+    ("check", "location", "fragment"),
+    [
+        ("{type: grpc, path: /healthz}", "path", "path is for http checks"),
+        ("{type: grpc, expect_status: 200}", "expect_status", "expect_status is for http checks"),
+        ("{type: grpc, service: 'a b'}", "service", "invalid gRPC service name 'a b'"),
+        ("{type: grpc, service: 5}", "service", "expected a gRPC service name (a string)"),
+        ("{service: helloworld.Greeter}", "service", "service is for type: grpc checks, not http"),
+        ("{type: tcp, service: x}", "service", "service is for type: grpc checks, not tcp"),
+    ],
+)
+def test_grpc_health_check_fields(check: str, location: str, fragment: str) -> None:
+    text = pool(f"protocol: h2\nhealth_check: {check}   # <-\n" + ONE_BACKEND)
+    expect(text, f"pools.web.health_check.{location}", fragment)
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery
+# ---------------------------------------------------------------------------------------------
+
+
+def test_discovery_etcd_and_dns() -> None:
+    text = pool(
+        """\
+        discovery:
+          etcd:
+            endpoints: ["127.0.0.1:2379", "[::1]:2379", "etcd.internal:2379"]
+            prefix: /balancer/pools/web/
+          dns: {name: app.internal, type: SRV, resolver: "127.0.0.1:5353", interval: 10s}
+        """
+    )
+    web = parse(text).pools["web"]
+    assert web.backends == ()
+    assert web.discovery == DiscoveryConfig(
+        etcd=EtcdDiscoveryConfig(
+            endpoints=(
+                Address("127.0.0.1", 2379),
+                Address("::1", 2379),
+                Address("etcd.internal", 2379),
+            ),
+            prefix="/balancer/pools/web/",
+            timeout=2.0,
+        ),
+        dns=DnsDiscoveryConfig(
+            name="app.internal",
+            type="SRV",
+            port=None,
+            resolver=Address("127.0.0.1", 5353),
+            interval=10.0,
+        ),
+    )
+
+
+def test_discovery_dns_defaults_and_forms() -> None:
+    dns = parse(pool("discovery: {dns: {name: app.internal, port: 8080}}\n")).pools["web"]
+    assert dns.discovery == DiscoveryConfig(
+        dns=DnsDiscoveryConfig(name="app.internal", type="A", port=8080, resolver=None)
+    )
+    assert dns.discovery.dns.interval == 5.0 and dns.discovery.etcd is None
+    text = pool('discovery: {dns: {name: app.internal, type: AAAA, port: 80, resolver: "::1"}}\n')
+    found = parse(text).pools["web"].discovery.dns
+    assert (found.type, found.port, found.resolver) == ("AAAA", 80, Address("::1", 53))
+    text = pool(
+        "discovery: {etcd: {endpoints: ['127.0.0.1:2379'], prefix: web/, timeout: 500ms}}\n"
+    )
+    assert parse(text).pools["web"].discovery.etcd.timeout == 0.5
+
+
+@pytest.mark.parametrize("backends", ["", "backends: []\n", ONE_BACKEND])
+def test_a_pool_may_have_discovery_and_backends(backends: str) -> None:
+    text = pool(backends + "discovery: {dns: {name: app.internal, port: 80}}\n")
+    web = parse(text).pools["web"]
+    assert web.discovery is not None
+    assert len(web.backends) == (1 if backends == ONE_BACKEND else 0)
+
+
+def test_a_pool_without_backends_or_discovery_is_refused_as_before() -> None:
+    expect(pool("retries: 1   # <-\n"), "pools.web.backends", "a pool needs at least one backend")
+    expect(pool("backends: []   # <-\n"), "pools.web.backends", "a pool needs at least one backend")
+
+
+@pytest.mark.parametrize(
+    ("discovery", "location", "fragment"),
+    [
+        ("{}", "", "discovery needs etcd or dns"),
+        ("{etcd: }", "", "discovery needs etcd or dns"),
+        ("[etcd]", "", "expected a mapping, got a list"),
+        ("{consul: {}}", "consul", "unknown key 'consul'"),
+        ("{etc: {}}", "etc", "unknown key 'etc' (did you mean 'etcd'?)"),
+        ("{etcd: {prefix: /x/}}", "etcd.endpoints", "'endpoints' is required"),
+        ("{etcd: {endpoints: [], prefix: /x/}}", "etcd.endpoints", "at least one endpoint"),
+        ("{etcd: {endpoints: '127.0.0.1:2379', prefix: /x/}}", "etcd.endpoints", "got a string"),
+        ("{etcd: {endpoints: ['127.0.0.1'], prefix: /x/}}", "etcd.endpoints[0]", "missing port"),
+        (
+            "{etcd: {endpoints: ['127.0.0.1:2379', '127.0.0.1:2379'], prefix: /x/}}",
+            "etcd.endpoints[1]",
+            "duplicate endpoint 127.0.0.1:2379",
+        ),
+        ("{etcd: {endpoints: ['127.0.0.1:2379']}}", "etcd.prefix", "'prefix' is required"),
+        ("{etcd: {endpoints: ['127.0.0.1:2379'], prefix: ''}}", "etcd.prefix", "must not be empty"),
+        ("{etcd: {endpoints: ['127.0.0.1:2379'], prefix: 'a b'}}", "etcd.prefix", "no spaces"),
+        (
+            "{etcd: {endpoints: ['127.0.0.1:2379'], prefix: /x/, timeout: 2}}",
+            "etcd.timeout",
+            "a unit is required",
+        ),
+        ("{etcd: {endpoints: ['127.0.0.1:2379'], prefix: /x/, ttl: 1s}}", "etcd.ttl", "unknown"),
+        ("{dns: {port: 80}}", "dns.name", "'name' is required"),
+        ("{dns: {name: 127.0.0.1, port: 80}}", "dns.name", "is an IP address"),
+        ("{dns: {name: 'bad name', port: 80}}", "dns.name", "is not a valid DNS name"),
+        ("{dns: {name: app.internal, type: MX}}", "dns.type", "must be one of A | AAAA | SRV"),
+        ("{dns: {name: app.internal}}", "dns.port", "type A needs port"),
+        ("{dns: {name: app.internal, type: AAAA}}", "dns.port", "type AAAA needs port"),
+        ("{dns: {name: app.internal, type: SRV, port: 80}}", "dns.port", "SRV records carry"),
+        ("{dns: {name: app.internal, port: 0}}", "dns.port", "must be 1..65535, got 0"),
+        (
+            "{dns: {name: app.internal, port: 80, resolver: 'ns.example:53'}}",
+            "dns.resolver",
+            "a resolver is an IP address",
+        ),
+        (
+            "{dns: {name: app.internal, port: 80, interval: 0s}}",
+            "dns.interval",
+            "must be greater than 0",
+        ),
+    ],
+)
+def test_discovery_bad_values(discovery: str, location: str, fragment: str) -> None:
+    text = pool(f"discovery: {discovery}   # <-\n")
+    expect(text, "pools.web.discovery" + (f".{location}" if location else ""), fragment)
+
+
+def test_discovery_problems_are_all_reported_at_once() -> None:
+    text = pool(
+        """\
+        discovery:
+          etcd:
+            endpoints: ["127.0.0.1"]
+          dns:
+            name: app.internal
+            type: SRV
+            port: 53
+        """
+    )
+    assert [(p.location, p.line) for p in problems_of(text)] == [
+        ("pools.web.discovery.etcd.endpoints[0]", 6),
+        ("pools.web.discovery.etcd.prefix", 6),
+        ("pools.web.discovery.dns.port", 10),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# ha.instances
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ha_single_ip_form_is_one_instance(ha_key: str) -> None:
+    ha = parse(ha_text(ha_body(ha_key, priority="150"))).ha
+    assert ha is not None
+    assert ha.instances == (HaInstanceConfig(virtual_ip="198.18.0.100/24", priority=150),)
+    assert (ha.virtual_ip, ha.priority) == ("198.18.0.100/24", 150)
+
+
+def test_ha_instances(ha_key: str) -> None:
+    body = ha_body(ha_key, virtual_ip=None) + textwrap.dedent(
+        """\
+        instances:
+          - {virtual_ip: "198.18.0.100/24", priority: 150}
+          - {virtual_ip: 198.18.0.101/24}
+        """
+    )
+    ha = parse(ha_text(body)).ha
+    assert ha is not None
+    assert ha.instances == (
+        HaInstanceConfig("198.18.0.100/24", 150),
+        HaInstanceConfig("198.18.0.101/24", 100),
+    )
+    # code that knows one address reads the first instance's
+    assert (ha.virtual_ip, ha.priority) == ("198.18.0.100/24", 150)
+
+
+def test_ha_config_built_by_hand_gets_its_instance() -> None:
+    ha = HaConfig(
+        node_id="lb1",
+        interface="eth0",
+        virtual_ip="198.18.0.100/24",
+        auth_key_file="/k",
+        peers=(Address("198.18.0.12", 5405),),
+        priority=120,
+    )
+    assert ha.instances == (HaInstanceConfig("198.18.0.100/24", 120),)
+
+
+@pytest.mark.parametrize("key", ["virtual_ip", "priority"])
+def test_ha_both_forms_are_refused(ha_key: str, key: str) -> None:
+    body = ha_body(ha_key, virtual_ip=None) + "instances: [{virtual_ip: 198.18.0.101/24}]\n"
+    body += f"{key}: {'198.18.0.100/24' if key == 'virtual_ip' else 150}   # <-\n"
+    expect(ha_text(body), f"ha.{key}", "give instances or virtual_ip/priority, not both")
+
+
+def test_ha_needs_one_form(ha_key: str) -> None:
+    lines = ha_body(ha_key, virtual_ip=None).splitlines()
+    body = "".join(line + ("   # <-\n" if i == 0 else "\n") for i, line in enumerate(lines))
+    problem = expect(ha_text(body), "ha.virtual_ip", "'virtual_ip' is required")
+    assert "instances" in problem.message
+
+
+def test_ha_instances_at_most_sixteen(ha_key: str) -> None:
+    items = ", ".join(f'{{virtual_ip: "198.18.1.{i}/24"}}' for i in range(1, 18))
+    body = ha_body(ha_key, virtual_ip=None) + f"instances: [{items}]   # <-\n"
+    expect(ha_text(body), "ha.instances", "at most 16 instances, got 17")
+    items = ", ".join(f'{{virtual_ip: "198.18.1.{i}/24"}}' for i in range(1, 17))
+    assert (
+        len(
+            parse(
+                ha_text(ha_body(ha_key, virtual_ip=None) + f"instances: [{items}]\n")
+            ).ha.instances
+        )
+        == 16
+    )
+
+
+@pytest.mark.parametrize(
+    ("instances", "location", "fragment"),
+    [
+        ("[]", "instances", "at least one instance is required"),
+        ('"198.18.0.100/24"', "instances", "expected a list of {virtual_ip, priority}"),
+        ("[{priority: 100}]", "instances[0].virtual_ip", "'virtual_ip' is required"),
+        ("[{virtual_ip: 198.18.0.300/24}]", "instances[0].virtual_ip", "expected an address"),
+        ("[{virtual_ip: '2001:db8::1/64'}]", "instances[0].virtual_ip", "only an IPv4"),
+        ("[{virtual_ip: 198.18.0.1/24, priority: 0}]", "instances[0].priority", "1..254, got 0"),
+        ("[{virtual_ip: 198.18.0.1/24, priority: 255}]", "instances[0].priority", "got 255"),
+        ("[{virtual_ip: 198.18.0.1/24, weight: 1}]", "instances[0].weight", "unknown key"),
+        (
+            "[{virtual_ip: 198.18.0.1/24}, {virtual_ip: 198.18.0.1/16}]",
+            "instances[1].virtual_ip",
+            "duplicate virtual IP 198.18.0.1 (also ha.instances[0])",
+        ),
+    ],
+)
+def test_ha_instances_bad_values(ha_key: str, instances: str, location: str, fragment: str) -> None:
+    body = ha_body(ha_key, virtual_ip=None) + f"instances: {instances}   # <-\n"
+    expect(ha_text(body), f"ha.{location}", fragment)
+
+
+def test_node_id_limit_is_the_heartbeats() -> None:
+    from balancer.ha import heartbeat
+
+    assert heartbeat.MAX_NODE_ID_BYTES == MAX_NODE_ID_BYTES
+
+
+def test_config_imports_nothing_of_the_ha_package() -> None:
+    for module in (REPO / "balancer" / "config").glob("*.py"):
+        text = module.read_text()
+        assert not re.search(r"^\s*(from|import) balancer\.ha\b", text, re.M), module.name
+
+
+def uncomment(lines: list[str], first: str) -> list[str]:
+    """The commented block of config/balancer.yaml starting at the line `first`, uncommented:
+    that line and the lines after it commented at the same indent."""
+    start = lines.index(first)
+    indent = first[: len(first) - len(first.lstrip())]
+    block = [first]
+    for line in lines[start + 1 :]:
+        if not line.startswith(indent + "#   "):
+            break
+        block.append(line)
+    return [indent + line[len(indent) + 2 :] for line in block]
+
+
+def test_example_config_commented_new_keys_parse(ha_key: str) -> None:
+    """The commented examples of http2, proxy_protocol, a gRPC pool, discovery and
+    ha.instances in config/balancer.yaml are valid once uncommented."""
+    lines = (REPO / "config" / "balancer.yaml").read_text().splitlines()
+    text = "\n".join(
+        ["listeners:"]
+        + uncomment(lines, "  # - name: h2c")
+        + ["pools:"]
+        + uncomment(lines, "  # grpc:")
+        + uncomment(lines, "  # fleet:")
+    )
+    config = parse(text + "\n")
+    (listener,) = config.listeners
+    assert (listener.name, listener.http2, listener.proxy_protocol) == ("h2c", True, False)
+    grpc = config.pools["grpc"]
+    assert (grpc.protocol, grpc.send_proxy_protocol) == ("h2", "v2")
+    assert grpc.health_check is not None and grpc.health_check.type == "grpc"
+    fleet = config.pools["fleet"].discovery
+    assert fleet is not None and fleet.etcd is not None and fleet.dns is not None
+    assert fleet.etcd.prefix == "/balancer/pools/fleet/" and fleet.dns.type == "SRV"
+    # the instances example sits inside the commented ha block, one level further in
+    instances = [line.replace("#   #", "", 1) for line in lines if line.startswith("#   #   - {")]
+    assert len(instances) == 2
+    body = textwrap.dedent(
+        """\
+        node_id: lb1
+        interface: eth0
+        peers: ["198.18.0.12:5405"]
+        auth_key_file: KEY
+        instances:
+        """
+    ).replace("KEY", ha_key)
+    ha = parse(ha_text(body + "\n".join(instances) + "\n")).ha
+    assert ha is not None and [i.priority for i in ha.instances] == [150, 100]
