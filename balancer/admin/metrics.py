@@ -555,7 +555,16 @@ class Metrics:
             beats.add_metric(["received", "ok"], ha.heartbeats_received)
             for reason, n in sorted(ha.heartbeats_rejected.items()):
                 beats.add_metric(["received", str(reason)], n)
-        yield from (role, transitions, beats)
+        instances = GaugeMetricFamily(
+            "balancer_ha_instance_role",
+            "1 for this node's role for each floating IP (active, passive), 0 for the other.",
+            labels=["virtual_ip", "role"],
+        )
+        if ha is not None:
+            for virtual_ip, current_role in ha.instance_roles():
+                for r in ("active", "passive"):
+                    instances.add_metric([virtual_ip, r], 1 if r == current_role else 0)
+        yield from (role, transitions, beats, instances)
 
 
 def new_row() -> list:

@@ -42,14 +42,6 @@ class InstanceSpec(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Instance:
-    """An InstanceSpec of our own, for a config that has only virtual_ip and priority."""
-
-    virtual_ip: str
-    priority: int
-
-
-@dataclass(frozen=True, slots=True)
 class PeerRecord:
     """One instance's part of a peer's heartbeat."""
 
@@ -169,4 +161,4 @@ class InstanceGroup:
         return self.machines[address].active_peer(now)
 
 
-__all__ = ["Instance", "InstanceGroup", "InstanceSpec", "PeerRecord", "address_of"]
+__all__ = ["InstanceGroup", "InstanceSpec", "PeerRecord", "address_of"]

@@ -41,7 +41,7 @@ from balancer.ha.heartbeat import (
     InstanceRecord,
     load_key,
 )
-from balancer.ha.instances import Instance, InstanceGroup, InstanceSpec, PeerRecord
+from balancer.ha.instances import InstanceGroup, InstanceSpec, PeerRecord
 from balancer.ha.state import (
     Action,
     HealthChanged,
@@ -67,14 +67,6 @@ UNMATCHED_LOG_INTERVAL = 60.0  # a peer's addresses we have no instance for: war
 def vip_lifetime(dead_after: float) -> int:
     """Kernel lifetime of the VIP in whole seconds (the kernel's resolution), renewed every tick."""
     return max(2, math.ceil(2 * dead_after))
-
-
-def instances_of(config: HaConfig) -> tuple[InstanceSpec, ...]:
-    """The floating IPs of a config; the single-IP form is one instance."""
-    found = getattr(config, "instances", ())
-    if found:
-        return tuple(found)
-    return (Instance(config.virtual_ip, config.priority),)
 
 
 class _Slot:
@@ -126,7 +118,7 @@ class HaNode:
         self._local_health = local_health
         self._on_role_change = on_role_change  # the node's role (active while it holds any VIP)
         self._clock = clock
-        self._specs = instances_of(config)
+        self._specs: tuple[InstanceSpec, ...] = tuple(config.instances)
         self._group = self._new_group()
         lifetime = vip_lifetime(config.dead_after)
         self._slots = [

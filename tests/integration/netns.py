@@ -279,31 +279,17 @@ def emit(event: str, **fields: Any) -> None:
 
 def ha_config(spec: dict[str, Any]):  # -> HaConfig
     """An HaConfig from a JSON spec; `instances: [[virtual_ip, priority], ...]` for several VIPs."""
-    import dataclasses
-
-    from balancer.config import Address, HaConfig
+    from balancer.config import Address, HaConfig, HaInstanceConfig
 
     def address(text: str) -> Address:
         host, _, port = text.rpartition(":")
         return Address(host, int(port))
 
     extra: dict[str, Any] = {}
-    cls: Any = HaConfig
     if spec.get("instances"):
-        try:
-            from balancer.config import HaInstanceConfig as instance  # type: ignore[attr-defined]
-        except ImportError:  # before the config split: the node's own shape
-            from balancer.ha.instances import Instance as instance
-        extra["instances"] = tuple(instance(vip, prio) for vip, prio in spec["instances"])
+        extra["instances"] = tuple(HaInstanceConfig(v, p) for v, p in spec["instances"])
         spec = {**spec, "virtual_ip": spec["instances"][0][0], "priority": spec["instances"][0][1]}
-        if "instances" not in HaConfig.__dataclass_fields__:
-
-            @dataclasses.dataclass(frozen=True)
-            class WithInstances(HaConfig):
-                instances: tuple = ()
-
-            cls = WithInstances
-    return cls(
+    return HaConfig(
         node_id=spec["node_id"],
         interface=spec.get("interface", "eth0"),
         virtual_ip=spec["virtual_ip"],

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from balancer.ha.instances import Instance, InstanceGroup, PeerRecord, address_of
+from balancer.config import HaInstanceConfig as Instance
+from balancer.ha.instances import InstanceGroup, PeerRecord, address_of
 from balancer.ha.state import (
     Action,
     HealthChanged,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import shlex
 import sys
@@ -13,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from balancer.config import Address, HaConfig
-from balancer.ha.instances import Instance
+from balancer.config import Address, HaConfig, HaInstanceConfig
 from balancer.ha.node import HaNode
 from tests.unit.test_ha_node import LOOPS, FakeVip, World, free_port, key_file, until
 
@@ -31,21 +29,9 @@ def run(request):  # type: ignore[no-untyped-def]
     return LOOPS[request.param]
 
 
-def config_class() -> type[HaConfig]:
-    # HaConfig gains `instances` with the config split; until then a subclass carries it
-    if "instances" in HaConfig.__dataclass_fields__:
-        return HaConfig
-
-    @dataclasses.dataclass(frozen=True)
-    class WithInstances(HaConfig):
-        instances: tuple[Instance, ...] = ()
-
-    return WithInstances
-
-
 def config(name: str, port: int, peer: int, key_file: str, instances, **kw: Any) -> HaConfig:  # type: ignore[no-untyped-def]
-    specs = tuple(Instance(vip, prio) for vip, prio in instances)
-    return config_class()(
+    specs = tuple(HaInstanceConfig(vip, prio) for vip, prio in instances)
+    return HaConfig(
         node_id=name,
         interface="eth0",
         virtual_ip=specs[0].virtual_ip,

@@ -57,6 +57,9 @@ class FakeHa:
     heartbeats_received = 38
     heartbeats_rejected = {"bad_mac": 2, "unknown_peer": 1}
 
+    def instance_roles(self) -> list[tuple[str, str]]:
+        return [("198.18.0.100/24", "active"), ("198.18.0.101/24", "passive")]
+
 
 class FakeDaemon:
     def __init__(self, pools: dict[str, Pool]) -> None:
@@ -310,6 +313,13 @@ def test_ha_reloads_build_info_and_process_metrics() -> None:
     assert value(s, "balancer_ha_heartbeats_total", direction="sent") == 40
     assert value(s, "balancer_ha_heartbeats_total", direction="received", result="ok") == 38
     assert value(s, "balancer_ha_heartbeats_total", result="bad_mac") == 2
+    for vip, role, n in (
+        ("198.18.0.100/24", "active", 1),
+        ("198.18.0.100/24", "passive", 0),
+        ("198.18.0.101/24", "active", 0),
+        ("198.18.0.101/24", "passive", 1),
+    ):
+        assert value(s, "balancer_ha_instance_role", virtual_ip=vip, role=role) == n
     assert value(s, "balancer_config_reloads_total", result="success") == 4
     assert value(s, "balancer_config_reloads_total", result="failure") == 1
     assert value(s, "balancer_build_info", version=__import__("balancer").__version__) == 1
