@@ -344,6 +344,9 @@ class H2ClientConnection(asyncio.Protocol):
         """Send what the windows allow; return the rest."""
         h2c = self.h2
         sid = stream.stream_id
+        if len(data) <= min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size):
+            h2c.send_data(sid, data)  # the usual small answer: one frame, no copies
+            return b""
         view = memoryview(data)
         while view:
             window = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size)
@@ -432,9 +435,8 @@ class H2ClientConnection(asyncio.Protocol):
     def on_deadline(self, now: float) -> None:
         if not self.streams:
             # no request yet within client_header, or idle for client_idle
-            if self.requests == 0 or not self.closing:
-                self.shutdown()
-                self._close()
+            self.shutdown()
+            self._close()
             return
         stall = self.listener.timeouts.client_idle
         for stream in list(self.streams.values()):
@@ -450,13 +452,11 @@ class H2ClientConnection(asyncio.Protocol):
                 if ex is not None:
                     stream.exchange = None
                     ex.client_gone()
-        if not self.closed:
+        if self.closed:
+            return
+        if self.streams:
             self.deadline = now + 1.0
-            if not self.streams:
-                self._forget_all(now)
-
-    def _forget_all(self, now: float) -> None:
-        if self.closing:
+        elif self.closing:
             self._close()
         else:
             self.deadline = now + self.listener.timeouts.client_idle
