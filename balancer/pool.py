@@ -70,8 +70,8 @@ class Pool:
         # the proxy speaks HTTP/2 (h2c) to this pool's backends: gRPC
         self.h2_backends = getattr(config, "protocol", "http1") == "h2"
         # the PROXY header version sent first on each backend connection ("v1" | "v2"), or ""
-        # for none. Not on HTTP/2 backends: their connections carry the streams of many
-        # clients, so no one address is true of them (config refuses the pair).
+        # for none. Never on HTTP/2 backends: their connections carry the streams of many
+        # clients, so no one address is true of them (the pair is a config error).
         send = getattr(config, "send_proxy_protocol", "none")  # until the config key lands
         self.send_proxy = "" if send == "none" or self.h2_backends else send
         self.sticky_cookie_name = (config.sticky.cookie if config.sticky else "").encode()
