@@ -69,6 +69,11 @@ class Pool:
         self.sticky = sticky_codec
         # the proxy speaks HTTP/2 (h2c) to this pool's backends: gRPC
         self.h2_backends = config.protocol == "h2"
+        # the PROXY header version sent first on each backend connection ("v1" | "v2"), or ""
+        # for none. Never on HTTP/2 backends: their connections carry the streams of many
+        # clients, so no one address is true of them (the pair is a config error).
+        send = config.send_proxy_protocol
+        self.send_proxy = "" if send == "none" or self.h2_backends else send
         self.sticky_cookie_name = (config.sticky.cookie if config.sticky else "").encode()
         self.sticky_cookie_prefix = self.sticky_cookie_name + b"="
         self._by_tag: dict[bytes, Backend] = {}

@@ -18,6 +18,7 @@ from balancer.health.counter import RiseFall
 from balancer.health.grpc_probe import ProbeFailed
 from balancer.health.grpc_probe import check as grpc_check
 from balancer.pool import Pool
+from balancer.proxy.proxy_protocol import local_header
 
 log = logging.getLogger("balancer.health")
 
@@ -296,11 +297,17 @@ class ActiveChecker:
     async def _connect(self, backend: Backend) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         connect = asyncio.open_connection(backend.host, backend.port, limit=MAX_HEAD)
         if self.connect_timeout is None:
-            return await connect
-        try:
-            return await asyncio.wait_for(connect, self.connect_timeout)
-        except TimeoutError:
-            raise CheckFailed(f"connect timed out after {self.connect_timeout:g}s") from None
+            reader, writer = await connect
+        else:
+            try:
+                reader, writer = await asyncio.wait_for(connect, self.connect_timeout)
+            except TimeoutError:
+                raise CheckFailed(f"connect timed out after {self.connect_timeout:g}s") from None
+        if self.pool.send_proxy:
+            # a backend behind send_proxy_protocol requires the header on every connection:
+            # this one is the balancer's own, so it says so (v2 LOCAL, v1 UNKNOWN)
+            writer.write(local_header(self.pool.send_proxy))
+        return reader, writer
 
     async def _probe_tcp(self, backend: Backend) -> None:
         async with asyncio.timeout(self.config.timeout):

@@ -24,6 +24,7 @@ from balancer.proxy.exchange import (
     Site,
 )
 from balancer.proxy.http import RequestRejected, local_response
+from balancer.proxy.proxy_protocol import Address, transport_addresses
 
 if TYPE_CHECKING:
     from balancer.proxy import upstream as up
@@ -48,6 +49,7 @@ class ClientProtocol(asyncio.Protocol):
         "parser",
         "client_ip",
         "client_ip_b",
+        "origin",
         "admitted",
         # requests
         "parsing",
@@ -75,6 +77,8 @@ class ClientProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = client_ip  # known at accept; else read from the transport
         self.client_ip_b = b""
+        # (client, listener) addresses from a PROXY header the listener read, else None
+        self.origin: tuple[Address, Address] | None = None
         self.admitted = False
         self.parsing: Exchange | None = None
         self.active: Exchange | None = None
@@ -245,6 +249,7 @@ class ClientProtocol(asyncio.Protocol):
         self.closed = True
         self.parser = None  # type: ignore[assignment]
         h2 = listener.h2_protocol(listener, self.client_ip)  # type: ignore[misc]
+        h2.origin = self.origin  # type: ignore[attr-defined]
         transport = self.transport
         transport.set_protocol(h2)  # type: ignore[union-attr]
         h2.connection_made(transport)
@@ -433,6 +438,11 @@ class ClientProtocol(asyncio.Protocol):
     def tunnel_ended(self) -> None:
         self.tunnel = None
         self.close()
+
+    def addresses(self) -> tuple[Address, Address] | None:
+        """The client's address and the one it connected to, as a PROXY header to a backend
+        tells them: those a received PROXY header named, else the socket's."""
+        return self.origin or transport_addresses(self.transport)
 
     def close(self) -> None:
         if not self.closed:

@@ -33,6 +33,8 @@ from balancer.proxy.http import (
     local_response,
     valid_host,
 )
+from balancer.proxy.proxy_protocol import Address
+from balancer.proxy.proxy_protocol import encode as encode_proxy_header
 
 if TYPE_CHECKING:
     import ssl
@@ -134,6 +136,7 @@ class Downstream(Protocol):
     def tunnel_opened(self, ex: Exchange, conn: up.UpstreamConnection) -> bool: ...
     def tunnel_relayed(self) -> None: ...
     def tunnel_ended(self) -> None: ...
+    def addresses(self) -> tuple[Address, Address] | None: ...
 
 
 class Exchange:
@@ -180,6 +183,7 @@ class Exchange:
         "stale_retry",
         "timed_out",
         "gone",
+        "proxy_header",
         # the response
         "local",
         "local_status",
@@ -230,6 +234,7 @@ class Exchange:
         self.stale_retry = True
         self.timed_out = False
         self.gone = False
+        self.proxy_header = b""  # the PROXY header a new backend connection opens with
         self.local: bytes | None = None
         self.local_status = 0
         self.response_started = False
@@ -526,7 +531,16 @@ class Exchange:
         self.backend_name = b.name
         pool.begin(b)
         conns = self.listener.upstreams.for_backend(b, pool.h2_backends)
-        conn = conns.acquire_idle()
+        if pool.send_proxy:
+            # the backend learns the client's address from a PROXY header, once per
+            # connection: only a connection opened with this client's header will do
+            addrs = self.client.addresses()
+            src, dst = addrs if addrs is not None else (None, None)
+            self.proxy_header = encode_proxy_header(pool.send_proxy, src, dst)
+            conn = conns.acquire_idle(self.proxy_header)
+        else:
+            self.proxy_header = b""
+            conn = conns.acquire_idle()
         if conn is not None:
             self._attach(conn)
         else:
@@ -543,7 +557,8 @@ class Exchange:
 
     async def _connect(self, conns: up.BackendConnections, b: Backend) -> None:
         try:
-            conn = await conns.connect()
+            header = self.proxy_header
+            conn = await (conns.connect(header) if header else conns.connect())
         except (TimeoutError, OSError) as e:
             if isinstance(e, asyncio.TimeoutError):
                 self.timed_out = True

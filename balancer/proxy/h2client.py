@@ -33,6 +33,7 @@ from hyperframe.frame import GoAwayFrame
 
 from balancer.proxy.exchange import Site
 from balancer.proxy.h2stream import H2Stream
+from balancer.proxy.proxy_protocol import Address, transport_addresses
 
 log = logging.getLogger("balancer.proxy")
 
@@ -88,6 +89,8 @@ class H2ClientConnection(asyncio.Protocol):
     def __init__(self, listener: Site, client_ip: str) -> None:
         self.listener = listener
         self.client_ip = client_ip
+        # (client, listener) addresses from a PROXY header the listener read, else None
+        self.origin: tuple[Address, Address] | None = None
         self.transport: asyncio.Transport | None = None
         limits = listener.limits.config
         self.h2 = h2.connection.H2Connection(
@@ -325,6 +328,11 @@ class H2ClientConnection(asyncio.Protocol):
         except h2.exceptions.ProtocolError:
             pass  # already closed both ways
         self._flush()
+
+    def addresses(self) -> tuple[Address, Address] | None:
+        """The client's address and the one it connected to, as a PROXY header to a backend
+        tells them: those a received PROXY header named, else the socket's."""
+        return self.origin or transport_addresses(self.transport)
 
     def acknowledge(self, stream: H2Stream, size: int) -> None:
         if size and not self.closed:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from balancer.proxy.exchange import CHUNKED_END, Exchange, Site
 from balancer.proxy.http import RequestRejected
+from balancer.proxy.proxy_protocol import Address
 
 if TYPE_CHECKING:
     from balancer.proxy import upstream as up
@@ -48,6 +49,7 @@ class StreamOwner(Protocol):
     def reset_stream(self, stream: H2Stream, code: int) -> None: ...
     def stream_finished(self, stream: H2Stream) -> None: ...
     def acknowledge(self, stream: H2Stream, size: int) -> None: ...
+    def addresses(self) -> tuple[Address, Address] | None: ...
 
 
 def _grpc_status_for(status: int) -> bytes:
@@ -256,6 +258,10 @@ class H2Stream:
         if ex.chunked:
             ex.request_body(CHUNKED_END)
         ex.request_done()
+
+    def addresses(self) -> tuple[Address, Address] | None:
+        """The client's addresses, as its connection knows them."""
+        return self.owner.addresses()
 
     def reset_by_client(self) -> None:
         self.closed = True

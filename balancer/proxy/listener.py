@@ -17,6 +17,8 @@ from balancer.proxy.h2client import H2ClientConnection
 from balancer.proxy.http import local_response
 from balancer.proxy.limits import ClientLimits
 from balancer.proxy.observe import Observer
+from balancer.proxy.proxy_protocol import MAX_HEADER, NEED_MORE, ProxyHeader, ProxyProtocolError
+from balancer.proxy.proxy_protocol import parse as parse_proxy_header
 from balancer.proxy.routing import Router
 from balancer.proxy.upstream import Upstreams, Watchdog
 
@@ -29,6 +31,9 @@ ACCEPT_RETRY_DELAY = 0.1  # accepting pauses this long after running out of desc
 _CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 PLAIN_HTTP_ON_TLS = local_response(400, "plain HTTP request sent to the HTTPS port")
+# connections at most waiting for their PROXY header at once (beyond: refused at accept); they
+# are not yet counted under the caps, which apply to the address the header names
+PROXY_PENDING_MAX = 10000
 
 
 class _Accepted(socket.socket):
@@ -82,6 +87,7 @@ class Listener(ABC):
     limits: ClientLimits
     ssl_context: ssl.SSLContext | None = None
     handshake_timeout: float | None = None  # a TLS client must finish its handshake in this
+    header_timeout: float = 10.0  # a PROXY header must be complete within this of the accept
 
     def __init__(self) -> None:
         self.connections: set = set()
@@ -89,6 +95,14 @@ class Listener(ABC):
         self.refused = 0  # connections refused over a cap
         self.accept_errors = 0
         self._accept_retry: asyncio.TimerHandle | None = None  # accepting paused until then
+        # proxy_protocol: connections whose header is being read, and those refused for it
+        self.proxy_pending: set[asyncio.Task] = set()
+        self.proxy_protocol_rejected = 0
+
+    @property
+    def proxy_protocol(self) -> bool:
+        """Every connection starts with a PROXY header (the listener's `proxy_protocol`)."""
+        return self.config.proxy_protocol
 
     @abstractmethod
     def protocol(self, client_ip: str) -> asyncio.Protocol:
@@ -152,6 +166,10 @@ class Listener(ABC):
                 return
             conn = accepted(family, socket.SOCK_STREAM, 0, fd)
             ip = addr[0] if addr else "unknown"
+            if self.proxy_protocol:
+                # the client is who the header names: admitted under the caps once it is read
+                self._read_proxy_header(conn, ip)
+                continue
             if not self.limits.admit(ip):
                 # over a connection cap: refused at once (reset), before any protocol or TLS
                 # work is spent on it; other clients are unaffected
@@ -176,12 +194,91 @@ class Listener(ABC):
         if self.sock is not None:
             self.loop.add_reader(self.sock.fileno(), self._accept_ready)
 
-    def _adopt_plain(self, conn: socket.socket, ip: str) -> None:
+    # -- PROXY protocol -----------------------------------------------------------------------
+
+    def _read_proxy_header(self, conn: socket.socket, peer_ip: str) -> None:
+        if len(self.proxy_pending) >= PROXY_PENDING_MAX:
+            self.refused += 1
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            conn.close()
+            return
+        task = self.loop.create_task(self._adopt_proxied(conn, peer_ip))
+        self.proxy_pending.add(task)
+        task.add_done_callback(self.proxy_pending.discard)
+
+    async def _adopt_proxied(self, conn: socket.socket, peer_ip: str) -> None:
+        """Read the PROXY header, then adopt the connection as from the client it names."""
+        try:
+            header = await asyncio.wait_for(self._proxy_header(conn), self.header_timeout)
+        except asyncio.CancelledError:
+            conn.close()  # the listener is stopping
+            raise
+        except (TimeoutError, OSError, ProxyProtocolError) as e:
+            self.proxy_protocol_rejected += 1
+            n = self.proxy_protocol_rejected
+            if n in (1, 10, 100) or n % 1000 == 0:
+                why = "no header within the timeout" if isinstance(e, TimeoutError) else e
+                log.warning(
+                    "listener %s: connection from %s closed: PROXY protocol: %s (%d so far)",
+                    self.config.name,
+                    peer_ip,
+                    why or type(e).__name__,
+                    n,
+                )
+            conn.close()
+            return
+        if header.source is None:
+            ip, origin = peer_ip, None  # LOCAL / UNKNOWN: the socket's peer stands
+        else:
+            ip, origin = header.source[0], (header.source, header.destination)
+        if not self.limits.admit(ip):
+            self.refused += 1
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            conn.close()
+            return
+        if self.ssl_context is None:
+            self._adopt_plain(conn, ip, origin)
+        else:
+            await self._adopt_tls(conn, ip, origin)
+
+    async def _proxy_header(self, conn: socket.socket) -> ProxyHeader:
+        """Take exactly the header's bytes from the socket: what follows stays in it for the
+        HTTP parser, the TLS handshake or the TCP splice. Bytes are peeked, then consumed only
+        as far as they belong to the header (all of them while it is incomplete)."""
+        got = b""
+        while True:
+            data = await self._peek(conn, MAX_HEADER - len(got))
+            if not data:
+                raise ProxyProtocolError("connection closed before its header was complete")
+            result = parse_proxy_header(got + data)
+            take = len(data) if result is NEED_MORE else result.length - len(got)  # type: ignore[union-attr]
+            while take > 0:
+                chunk = conn.recv(take, socket.MSG_DONTWAIT)  # peeked: already there
+                if not chunk:
+                    raise ProxyProtocolError("connection closed before its header was complete")
+                got += chunk
+                take -= len(chunk)
+            if result is not NEED_MORE:
+                return result
+
+    def _with_origin(self, ip: str, origin: tuple) -> asyncio.Protocol:
+        proto = self.protocol(ip)
+        proto.origin = origin  # type: ignore[attr-defined]
+        return proto
+
+    # -- adopting ------------------------------------------------------------------------------
+
+    def _adopt_plain(self, conn: socket.socket, ip: str, origin: tuple | None = None) -> None:
         # A Task per connection costs more than the rest of the accept. For a plain socket,
         # connect_accepted_socket does all its work before its one await (on the
         # connection_made callback), so its coroutine is stepped here directly: once now,
         # once more when that future completes.
-        coro = self.loop.connect_accepted_socket(lambda: self.protocol(ip), conn)
+        factory = (
+            (lambda: self.protocol(ip))
+            if origin is None
+            else (lambda: self._with_origin(ip, origin))
+        )
+        coro = self.loop.connect_accepted_socket(factory, conn)
         try:
             waiter = coro.send(None)
         except StopIteration:
@@ -203,7 +300,7 @@ class Listener(ABC):
         coro.close()
         self._adopt_failed(conn, ip)
 
-    async def _adopt_tls(self, conn: socket.socket, ip: str) -> None:
+    async def _adopt_tls(self, conn: socket.socket, ip: str, origin: tuple | None = None) -> None:
         loop = self.loop
         timeout = self.handshake_timeout
         started = loop.time()
@@ -219,7 +316,9 @@ class Listener(ABC):
             if timeout is not None:
                 timeout = max(0.001, timeout - (loop.time() - started))
             await loop.connect_accepted_socket(
-                lambda: self.protocol(ip),
+                (lambda: self.protocol(ip))
+                if origin is None
+                else (lambda: self._with_origin(ip, origin)),
                 conn,
                 ssl=self.ssl_context,
                 ssl_handshake_timeout=timeout,
@@ -227,14 +326,14 @@ class Listener(ABC):
         except (TimeoutError, OSError, ssl.SSLError):
             self._adopt_failed(conn, ip)
 
-    async def _peek(self, conn: socket.socket) -> bytes:
+    async def _peek(self, conn: socket.socket, size: int = 8) -> bytes:
         """The first bytes a new client sent, left in the socket for the TLS handshake
         (the accepted socket is still in blocking mode until the transport adopts it)."""
         loop = self.loop
         fd = conn.fileno()
         while True:
             try:
-                return conn.recv(8, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                return conn.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
                 pass
             ready = loop.create_future()
@@ -265,6 +364,8 @@ class Listener(ABC):
             sock.close()
 
     def abort_connections(self) -> None:
+        for task in list(self.proxy_pending):
+            task.cancel()  # still reading a PROXY header: closed unserved
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
@@ -310,8 +411,10 @@ class HttpListener(Listener):
         self.name = config.name
         self.router = router
         self.timeouts = timeouts
-        # a stalled handshake is the TLS form of a slow request head
+        # a stalled handshake is the TLS form of a slow request head, and so is a PROXY
+        # header that does not come
         self.handshake_timeout = timeouts.client_header
+        self.header_timeout = timeouts.client_header
         self.scheme = b"https" if config.tls else b"http"
         self.redirect = config.redirect_https.encode() if config.redirect_https else None
         self.max_head = self.limits.config.max_header_bytes or (1 << 20)
@@ -339,4 +442,6 @@ class HttpListener(Listener):
             "refused": self.refused,
             "accept_errors": self.accept_errors,
             "rejected": self.rejected,
+            "proxy_protocol": self.proxy_protocol,
+            "proxy_protocol_rejected": self.proxy_protocol_rejected,
         }

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from balancer.config import ListenerConfig
 from balancer.proxy.listener import Listener
+from balancer.proxy.proxy_protocol import encode as encode_proxy_header
+from balancer.proxy.proxy_protocol import transport_addresses
 
 if TYPE_CHECKING:
     from balancer.backend import Backend
@@ -83,6 +85,7 @@ class TcpClient(asyncio.Protocol):
         "listener",
         "transport",
         "client_ip",
+        "origin",
         "upstream",
         "backend",
         "pending",
@@ -100,6 +103,7 @@ class TcpClient(asyncio.Protocol):
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.client_ip = client_ip  # known at accept; else read from the transport
+        self.origin = None  # (client, listener) addresses from a received PROXY header
         self.upstream: TcpUpstream | None = None
         self.backend: Backend | None = None
         self.pending: list[bytes] = []
@@ -173,6 +177,11 @@ class TcpClient(asyncio.Protocol):
                 return
             self.backend = b
             self.upstream = up
+            if pool.send_proxy:
+                # the backend's first bytes: who the client is (before anything it sent)
+                addrs = self.origin or transport_addresses(self.transport)
+                src, dst = addrs if addrs is not None else (None, None)
+                up.transport.write(encode_proxy_header(pool.send_proxy, src, dst))
             if self.pending:
                 up.transport.write(b"".join(self.pending))
                 self.pending.clear()
@@ -260,6 +269,7 @@ class TcpListener(Listener):
         self.config = config
         self.name = config.name
         self.pool = pool
+        self.header_timeout = self.daemon.config.timeouts.client_header  # for proxy_protocol
 
     def protocol(self, client_ip: str) -> TcpClient:
         return TcpClient(self, client_ip)
@@ -278,4 +288,6 @@ class TcpListener(Listener):
             "connections": len(self.connections),
             "refused": self.refused,
             "accept_errors": self.accept_errors,
+            "proxy_protocol": self.proxy_protocol,
+            "proxy_protocol_rejected": self.proxy_protocol_rejected,
         }

@@ -93,6 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "idle_since",
         "deadline",
+        "proxy_key",
         # response parsing
         "state",
         "head_buf",
@@ -112,8 +113,12 @@ class UpstreamConnection(asyncio.Protocol):
         "head_out",
     )
 
-    def __init__(self, pool: BackendConnections) -> None:
+    def __init__(self, pool: BackendConnections, proxy_header: bytes = b"") -> None:
         self.pool = pool
+        # the PROXY header this connection opened with (send_proxy_protocol), b"" for none:
+        # it names one client, so the connection is reused only for that client (see
+        # BackendConnections)
+        self.proxy_key = proxy_header
         self.transport: asyncio.Transport | None = None
         self.exchange: Relay | None = None
         self.reused = False
@@ -145,6 +150,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.proxy_key:
+            transport.write(self.proxy_key)  # type: ignore[attr-defined]  # before any request
         # registered once for its whole life: deadline 0 means nothing to enforce
         self.pool.watchdog.add(self)
 
@@ -528,12 +535,25 @@ class Watchdog:
 
 
 class BackendConnections:
-    """Idle keep-alive connections to one backend address, and new connections to it."""
+    """Idle keep-alive connections to one backend address, and new connections to it.
+
+    A connection that opened with a PROXY header (a pool's send_proxy_protocol) told the
+    backend one client's address, and the backend reads it once per connection: reused for
+    another client it would credit that client's requests to the first. So such connections
+    are kept apart, keyed by the exact header they sent (client address and port, and the
+    address it connected to), and reused only for requests carrying the same header, which
+    is what HAProxy does (it hashes idle connections by their PROXY parameters): a client's
+    keep-alive requests still share one backend connection, two clients never do. Idle keyed
+    connections of clients that left are closed by the idle timeout or, when the cap is
+    reached, oldest first to make room.
+    """
 
     __slots__ = (
         "host",
         "port",
         "idle",
+        "keyed",
+        "keyed_count",
         "max_idle",
         "watchdog",
         "loop_time",
@@ -547,6 +567,9 @@ class BackendConnections:
         self.host = host
         self.port = port
         self.idle: list[UpstreamConnection] = []
+        # idle connections that sent a PROXY header, by that header (oldest key first)
+        self.keyed: dict[bytes, list[UpstreamConnection]] = {}
+        self.keyed_count = 0
         self.max_idle = upstreams.max_idle
         self.watchdog = upstreams.watchdog
         self._loop = upstreams.loop
@@ -555,7 +578,26 @@ class BackendConnections:
         self.idle_timeout = upstreams.idle_timeout
         self.connect_timeout = upstreams.connect_timeout
 
-    def acquire_idle(self) -> UpstreamConnection | None:
+    def acquire_idle(self, proxy_header: bytes = b"") -> UpstreamConnection | None:
+        if proxy_header:
+            idle = self.keyed.get(proxy_header)
+            if idle is None:
+                return None
+            self.keyed_count -= len(idle)
+            del self.keyed[proxy_header]  # re-added at the end when released: LRU order
+            conn = None
+            while idle and conn is None:
+                c = idle.pop()
+                if not c.closed and not c.transport.is_closing():  # type: ignore[union-attr]
+                    conn = c
+            if idle:
+                self.keyed[proxy_header] = idle
+                self.keyed_count += len(idle)
+            if conn is not None:
+                conn.deadline = 0.0
+                conn.reused = True
+                conn._reset_response()
+            return conn
         idle = self.idle
         while idle:
             conn = idle.pop()
@@ -566,14 +608,21 @@ class BackendConnections:
                 return conn
         return None
 
-    async def connect(self) -> UpstreamConnection:
+    async def connect(self, proxy_header: bytes = b"") -> UpstreamConnection:
+        """A new connection; `proxy_header` (if any) is the first thing it sends."""
         _, conn = await asyncio.wait_for(
-            self._loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
+            self._loop.create_connection(
+                lambda: UpstreamConnection(self, proxy_header), self.host, self.port
+            ),
             self.connect_timeout,
         )
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
+        key = conn.proxy_key
+        if key:
+            self._release_keyed(conn, key)
+            return
         if len(self.idle) >= self.max_idle:
             conn.close()
             return
@@ -581,8 +630,35 @@ class BackendConnections:
         conn.deadline = now + self.idle_timeout
         self.idle.append(conn)
 
+    def _release_keyed(self, conn: UpstreamConnection, key: bytes) -> None:
+        keyed = self.keyed
+        if self.keyed_count >= self.max_idle:
+            # full: the least recently used client's connection makes room (it most likely
+            # left; a live client would only open a new one)
+            oldest = next(iter(keyed))
+            stack = keyed[oldest]
+            stack.pop(0).close()  # its connection_lost calls forget(): no longer listed
+            self.keyed_count -= 1
+            if not stack:
+                del keyed[oldest]
+        conn.idle_since = now = self.loop_time()
+        conn.deadline = now + self.idle_timeout
+        stack = keyed.pop(key, None) or []  # popped and put back: most recent last
+        stack.append(conn)
+        keyed[key] = stack
+        self.keyed_count += 1
+
     def forget(self, conn: UpstreamConnection) -> None:
         """An idle connection was closed by the backend."""
+        key = conn.proxy_key
+        if key:
+            stack = self.keyed.get(key)
+            if stack is not None and conn in stack:
+                stack.remove(conn)
+                self.keyed_count -= 1
+                if not stack:
+                    del self.keyed[key]
+            return
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
 
@@ -590,6 +666,11 @@ class BackendConnections:
         for conn in self.idle:
             conn.close()
         self.idle.clear()
+        keyed = [c for stack in self.keyed.values() for c in stack]
+        self.keyed.clear()
+        self.keyed_count = 0
+        for conn in keyed:
+            conn.close()
 
 
 class Upstreams:
