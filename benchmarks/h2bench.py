@@ -79,7 +79,7 @@ def haproxy_h2(lab: Lab, pem: Path, *, grpc_port: int | None = None) -> Target:
     cfg.write_text(
         f"""global
     nbthread 1
-    maxconn 100000
+    maxconn 5000
 defaults
     mode http
     timeout connect 2s
@@ -114,7 +114,7 @@ def h2load(target: Target, url: str, seconds: float, extra: list[str]) -> dict:
             "-m",
             "10",
             "-D",
-            str(seconds),
+            str(int(seconds)),
             *extra,
             url,
         ],
