@@ -137,7 +137,14 @@ class Daemon:
         if lc.mode == "tcp":
             from balancer.proxy.tcp import TcpListener
 
-            return TcpListener(lc, pool=self.pools[lc.pool], daemon=self)  # type: ignore[index]
+            return TcpListener(
+                lc,
+                pool=self.pools[lc.pool],  # type: ignore[index]
+                watchdog=self.watchdog,
+                limits=self.limits,
+                timeouts=self.config.timeouts,
+                loop=self.loop,
+            )
         return HttpListener(
             lc,
             router=Router(lc.routes, self.pools) if lc.routes else None,
@@ -362,7 +369,7 @@ class Daemon:
                     if lc.tls is not None:
                         self._refresh_tls(listener)
                 else:
-                    listener.apply(lc, pool=new_pools[lc.pool])  # type: ignore[attr-defined]
+                    listener.apply(lc, pool=new_pools[lc.pool], timeouts=new.timeouts)  # type: ignore[attr-defined]
         for name, listener in list(self.listeners.items()):
             if name not in keep_names:
                 # a listener gone from the file (or rebound): stop accepting, let its
