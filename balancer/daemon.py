@@ -677,6 +677,27 @@ async def run_daemon(
     return 0
 
 
+class WorkerWiring:
+    """How a `balancer worker` process gets its daemon (balancer.cluster.worker.Wiring): built
+    here, so that the cluster package never imports the daemon."""
+
+    def build(self, config: Config, sticky_keys: dict[str, list[bytes]]) -> Daemon:
+        return Daemon(config, role=WORKER, sticky_keys=sticky_keys)
+
+    def cleanup(self, daemon: Daemon) -> Awaitable[None]:
+        return cleanup_partial(daemon)
+
+    def settle(self) -> None:
+        settle_heap()
+
+
+def worker_main(argv: list[str]) -> int:
+    """`balancer worker ...`: one worker process of `workers: N`, started by the owner."""
+    from balancer.cluster.worker import main
+
+    return main(argv, WorkerWiring())
+
+
 def settle_heap() -> None:
     """Call once startup is done, before the first connection: everything built so far
     (modules, config, pools, the admin app, metric families) lives as long as the process.
