@@ -155,9 +155,7 @@ def test_least_connections_counts_streams_not_connections(procs):
     lb = grpc_balancer(procs, [("g1", g1), ("g2", g2)], pool={"strategy": "least_connections"})
     with channel(lb) as ch:
         slow = unary(ch)
-        calls = [
-            slow.future(b"x", timeout=20, metadata=[("x-delay-ms", "2000")]) for _ in range(6)
-        ]
+        calls = [slow.future(b"x", timeout=20, metadata=[("x-delay-ms", "2000")]) for _ in range(6)]
         time.sleep(0.8)
         inflight = {b["name"]: b["inflight"] for b in lb.status()["pools"]["web"]["backends"]}
         results = [c.result() for c in calls]
