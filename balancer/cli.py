@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:
         # internal: a worker process of `workers: N`, started by `balancer run` (not listed
         # in --help; it needs the owner's end of a socketpair)
-        from balancer.cluster.worker import main as worker_main
+        from balancer.daemon import worker_main
 
         return worker_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -137,7 +137,14 @@ class Daemon:
         if lc.mode == "tcp":
             from balancer.proxy.tcp import TcpListener
 
-            return TcpListener(lc, pool=self.pools[lc.pool], daemon=self)  # type: ignore[index]
+            return TcpListener(
+                lc,
+                pool=self.pools[lc.pool],  # type: ignore[index]
+                watchdog=self.watchdog,
+                limits=self.limits,
+                timeouts=self.config.timeouts,
+                loop=self.loop,
+            )
         return HttpListener(
             lc,
             router=Router(lc.routes, self.pools) if lc.routes else None,
@@ -362,7 +369,7 @@ class Daemon:
                     if lc.tls is not None:
                         self._refresh_tls(listener)
                 else:
-                    listener.apply(lc, pool=new_pools[lc.pool])  # type: ignore[attr-defined]
+                    listener.apply(lc, pool=new_pools[lc.pool], timeouts=new.timeouts)  # type: ignore[attr-defined]
         for name, listener in list(self.listeners.items()):
             if name not in keep_names:
                 # a listener gone from the file (or rebound): stop accepting, let its
@@ -668,6 +675,27 @@ async def run_daemon(
             await r
     await daemon.wait_stopped()
     return 0
+
+
+class WorkerWiring:
+    """How a `balancer worker` process gets its daemon (balancer.cluster.worker.Wiring): built
+    here, so that the cluster package never imports the daemon."""
+
+    def build(self, config: Config, sticky_keys: dict[str, list[bytes]]) -> Daemon:
+        return Daemon(config, role=WORKER, sticky_keys=sticky_keys)
+
+    def cleanup(self, daemon: Daemon) -> Awaitable[None]:
+        return cleanup_partial(daemon)
+
+    def settle(self) -> None:
+        settle_heap()
+
+
+def worker_main(argv: list[str]) -> int:
+    """`balancer worker ...`: one worker process of `workers: N`, started by the owner."""
+    from balancer.cluster.worker import main
+
+    return main(argv, WorkerWiring())
 
 
 def settle_heap() -> None:

@@ -10,9 +10,9 @@ import ipaddress
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -23,7 +23,9 @@ from balancer.backend import Backend
 from balancer.pool import Pool, backend_status
 
 if TYPE_CHECKING:
-    from balancer.daemon import Daemon
+    from balancer.admin import surface
+    from balancer.admin.metrics import Metrics
+    from balancer.config import Config
 
 log = logging.getLogger("balancer.admin")
 
@@ -42,6 +44,49 @@ MAX_BODY = 64 * 1024  # admin bodies are a few fields; anything bigger is a mist
 # token from its URL fragment and sends it with each of its own requests).
 OPEN_PATHS = frozenset({"/healthz", "/"})
 JSON = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class DaemonSurface(Protocol):
+    """All the admin API may touch of the running daemon. It reads; it changes things only
+    through the calls below, which are the ones a reload makes."""
+
+    # -- read ---------------------------------------------------------------------------------
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def stopping(self) -> bool: ...  # draining: /healthz answers 503
+
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+
+    @property
+    def checkers(self) -> Mapping[str, surface.Checker]: ...  # health check history
+
+    @property
+    def cluster(self) -> surface.Cluster | None: ...  # the workers' counters (workers: N)
+
+    @property
+    def metrics(self) -> Metrics | None: ...  # None with admin.metrics: false
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def refresh_counters(self) -> None: ...  # fresh counters from every worker
+
+    # -- change -------------------------------------------------------------------------------
+    async def reload(self) -> list[str]: ...  # the problems; [] when reloaded
+
+    def add_backend(
+        self, pool_name: str, name: str, address: str, weight: int = 1, max_connections: int = 0
+    ) -> Backend: ...
+
+    def update_backend(
+        self, pool_name: str, name: str, *, state: str | None = None, weight: int | None = None
+    ) -> Backend: ...
+
+    def remove_backend(self, pool_name: str, name: str) -> Backend: ...  # drains, then removes
+
+    async def propagate(self) -> None: ...  # until every worker process applied the change
 
 
 class BadRequest(Exception):
@@ -63,7 +108,7 @@ class AdminToken:
     backends.
     """
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonSurface) -> None:
         self.daemon = daemon
         self._config: object = None
         self.required = False
@@ -115,7 +160,7 @@ class AdminToken:
 TOKEN_KEY = web.AppKey("tokens", AdminToken)
 
 
-def build_app(daemon: Daemon) -> web.Application:
+def build_app(daemon: DaemonSurface) -> web.Application:
     """The admin application for `daemon` (raises OSError if its token file is unusable)."""
     tokens = AdminToken(daemon)
     app = web.Application(
@@ -194,7 +239,7 @@ async def _guard(request: web.Request, handler: JSON) -> web.StreamResponse:
 
 
 class _Api:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonSurface) -> None:
         self.daemon = daemon
         self.reload_lock = asyncio.Lock()
         self.removing: set[tuple[str, Backend]] = set()  # DELETEd, still draining

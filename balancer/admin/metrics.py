@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -22,7 +22,7 @@ from balancer.backend import Backend, BackendState
 from balancer.pool import Pool, PoolEvents
 
 if TYPE_CHECKING:
-    from balancer.daemon import Daemon
+    from balancer.admin import surface
     from balancer.proxy.exchange import Exchange
 
 # Request duration buckets in seconds: fine below 100 ms where a proxy's answers mostly are,
@@ -68,6 +68,31 @@ STATES = tuple(s.value for s in BackendState)
 HA_ROLES = ("active", "passive", "standalone")
 
 
+class Source(Protocol):
+    """What the metrics read of the running daemon at scrape time (and nothing else)."""
+
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+
+    @property
+    def listeners(self) -> Mapping[str, surface.Listener]: ...
+
+    @property
+    def checkers(self) -> Mapping[str, surface.Checker]: ...
+
+    @property
+    def cluster(self) -> surface.Cluster | None: ...  # with workers: N > 1, in the owner
+
+    @property
+    def ha(self) -> surface.Ha | None: ...
+
+    @property
+    def reloads(self) -> int: ...
+
+    @property
+    def reload_failures(self) -> int: ...
+
+
 class Metrics:
     """Counts what the proxy and the pools report and exposes it as Prometheus text.
 
@@ -76,7 +101,7 @@ class Metrics:
     queue depth, HA) is read from the daemon's live objects at scrape time.
     """
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Source) -> None:
         self.daemon = daemon
         # pool name -> backend name -> row (see the slot constants above)
         self.stats: dict[str, dict[str, list]] = {}
@@ -191,7 +216,7 @@ class Metrics:
 
     def _remote(self) -> dict[str, Any]:
         """The counters of this owner's worker processes, added up ({} without workers)."""
-        cluster = getattr(self.daemon, "cluster", None)
+        cluster = self.daemon.cluster
         return cluster.counters() if cluster is not None else {}
 
     # -- scraping -----------------------------------------------------------------------------
@@ -505,7 +530,7 @@ class Metrics:
 
     def _processes(self) -> Iterator[Metric]:
         """workers: N: how many processes serve, and how often workers had to be respawned."""
-        cluster = getattr(self.daemon, "cluster", None)
+        cluster = self.daemon.cluster
         if cluster is None:
             return
         serving = GaugeMetricFamily(

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from balancer.backend import Backend, BackendState
 
@@ -13,6 +13,34 @@ if TYPE_CHECKING:
     from balancer.pool import Pool
 
 log = logging.getLogger("balancer.cluster")
+
+
+class ListenerCounts(Protocol):
+    """A listener as a counter report reads it."""
+
+    @property
+    def connections(self) -> Collection[Any]: ...  # the open client connections
+
+    @property
+    def refused(self) -> int: ...
+
+
+class MetricsReport(Protocol):
+    def report(self) -> dict[str, Any]: ...
+
+
+class Process(Protocol):
+    """What a counter report reads of one serving process (the daemon, owner or worker)."""
+
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+
+    @property
+    def listeners(self) -> Mapping[str, ListenerCounts]: ...
+
+    @property
+    def metrics(self) -> MetricsReport | None: ...
+
 
 Snapshot = dict[str, list[dict[str, Any]]]
 
@@ -133,7 +161,7 @@ def apply_state(
 GAUGES = {"inflight", "connections", "queue_depth"}
 
 
-def process_report(daemon: Any, *, with_metrics: bool = True) -> dict[str, Any]:
+def process_report(daemon: Process, *, with_metrics: bool = True) -> dict[str, Any]:
     """This process's counters, JSON-able: what a worker sends its owner every half second.
 
     Counters are totals since the process started (the owner adds them up, so a lost

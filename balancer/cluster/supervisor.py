@@ -12,15 +12,16 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from balancer.cluster import state
 from balancer.cluster.channel import PROTOCOL, Channel, Message, ProtocolError
 
 if TYPE_CHECKING:
+    from balancer.backend import Backend
     from balancer.config import Config
-    from balancer.daemon import Daemon
+    from balancer.pool import Pool
 
 log = logging.getLogger("balancer.cluster")
 
@@ -62,10 +63,25 @@ class WorkerProcess:
         return self.ready and self.channel is not None and not self.channel.closed
 
 
+class Owner(Protocol):
+    """What the supervisor reads of the owner process (the daemon that starts it): the
+    config and backend state it sends every worker."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+
+    def sticky_keys(self) -> dict[str, list[bytes]]: ...
+
+    def load_stamps(self) -> dict[Backend, float]: ...
+
+
 class Supervisor:
     """Keeps `count - 1` worker processes running beside the owner (the calling daemon)."""
 
-    def __init__(self, daemon: Daemon, count: int, *, log_level: str = "info") -> None:
+    def __init__(self, daemon: Owner, count: int, *, log_level: str = "info") -> None:
         self.daemon = daemon
         self.count = count
         self.log_level = log_level

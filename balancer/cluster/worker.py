@@ -13,11 +13,16 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from balancer import config as config_mod
 from balancer.cluster import state
 from balancer.cluster.channel import PROTOCOL, Channel, Message, ProtocolError
+
+if TYPE_CHECKING:
+    from balancer.backend import Backend
+    from balancer.pool import Pool
 
 log = logging.getLogger("balancer.cluster")
 
@@ -25,7 +30,44 @@ REPORT_INTERVAL = 0.5  # counters sent to the owner this often (and whenever it 
 FINAL_REPORT_TIMEOUT = 2.0
 
 
-def main(argv: list[str]) -> int:
+class Served(state.Process, Protocol):
+    """What a worker drives of the daemon it runs. balancer.daemon builds that daemon (with
+    the worker role: it serves, nothing else) and hands it in through `Wiring`."""
+
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+
+    preset_sticky_keys: dict[str, list[bytes]]  # the owner's keys, set before apply()
+    reloads: int
+
+    async def start(self) -> None: ...
+
+    async def apply(self, new: config_mod.Config) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def wait_stopped(self) -> None: ...
+
+    def backend_removed(self, b: Backend) -> None: ...
+
+
+class Wiring(Protocol):
+    """How the worker gets its daemon, from the outside (cluster/ does not import the daemon)."""
+
+    def build(self, config: config_mod.Config, sticky_keys: dict[str, list[bytes]]) -> Served:
+        """A worker-role daemon for `config`, signing cookies with the owner's keys."""
+        ...
+
+    def cleanup(self, daemon: Served) -> Awaitable[None]:
+        """Undo a start() that failed half-way."""
+        ...
+
+    def settle(self) -> None:
+        """Startup is done: freeze what lives as long as the process (see daemon.settle_heap)."""
+        ...
+
+
+def main(argv: list[str], wiring: Wiring) -> int:
     parser = argparse.ArgumentParser(prog="balancer worker", description=argparse.SUPPRESS)
     parser.add_argument("--fd", type=int, required=True, help="this end of the owner's socketpair")
     parser.add_argument("--slot", type=int, default=0)
@@ -39,7 +81,7 @@ def main(argv: list[str]) -> int:
     )
     import uvloop
 
-    return uvloop.run(run(args.fd, args.slot))
+    return uvloop.run(run(args.fd, args.slot, wiring))
 
 
 def config_from(msg: Message) -> config_mod.Config:
@@ -52,9 +94,7 @@ def sticky_keys_from(msg: Message) -> dict[str, list[bytes]]:
     return {path: [bytes.fromhex(k) for k in keys] for path, keys in msg["sticky_keys"].items()}
 
 
-async def run(fd: int, slot: int) -> int:
-    from balancer.daemon import WORKER, Daemon, cleanup_partial, settle_heap
-
+async def run(fd: int, slot: int, wiring: Wiring) -> int:
     channel = await Channel.open(socket.socket(fileno=fd))
     try:
         first = await channel.recv()
@@ -80,19 +120,19 @@ async def run(fd: int, slot: int) -> int:
         channel.send({"type": "failed", "error": str(e)})
         await channel.flush()
         return 1
-    daemon = Daemon(cfg, role=WORKER, sticky_keys=sticky_keys_from(first))
+    daemon = wiring.build(cfg, sticky_keys_from(first))
     try:
         await daemon.start()
     except OSError as e:
         log.error("cannot start: %s", e)
         channel.send({"type": "failed", "error": str(e)})
         await channel.flush()
-        await cleanup_partial(daemon)
+        await wiring.cleanup(daemon)
         return 1
     worker = Worker(daemon, channel)
     if first.get("state"):
         worker.apply_state(first["state"])
-    settle_heap()
+    wiring.settle()
     channel.send(
         {
             "type": "ready",
@@ -128,7 +168,7 @@ async def run(fd: int, slot: int) -> int:
 class Worker:
     """The worker's side of the channel: applies what the owner sends, reports counters."""
 
-    def __init__(self, daemon: Any, channel: Channel) -> None:
+    def __init__(self, daemon: Served, channel: Channel) -> None:
         self.daemon = daemon
         self.channel = channel
         self.load_stamps: dict[Any, float] = {}

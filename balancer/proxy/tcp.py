@@ -6,15 +6,16 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from balancer.config import ListenerConfig
+from balancer.config import ListenerConfig, TimeoutsConfig
 from balancer.proxy.listener import Listener
 from balancer.proxy.proxy_protocol import encode as encode_proxy_header
 from balancer.proxy.proxy_protocol import transport_addresses
 
 if TYPE_CHECKING:
     from balancer.backend import Backend
-    from balancer.daemon import Daemon
     from balancer.pool import Pool
+    from balancer.proxy.limits import ClientLimits
+    from balancer.proxy.upstream import Watchdog
 
 log = logging.getLogger("balancer.tcp")
 
@@ -128,26 +129,25 @@ class TcpClient(asyncio.Protocol):
         self.admitted = True
         listener.connections.add(self)
         self.touch()
-        listener.daemon.watchdog.add(self)
+        listener.watchdog.add(self)
         asyncio.get_running_loop().create_task(self._connect(listener.pool))
 
     def touch(self) -> None:
-        daemon = self.listener.daemon
-        self.deadline = daemon.loop.time() + daemon.config.timeouts.tcp_idle
+        listener = self.listener
+        self.deadline = listener.loop.time() + listener.timeouts.tcp_idle
 
     def on_deadline(self, now: float) -> None:
         log.info(
             "tcp %s: session of %s idle for %gs: closed",
             self.listener.name,
             self.client_ip,
-            self.listener.daemon.config.timeouts.tcp_idle,
+            self.listener.timeouts.tcp_idle,
         )
         if self.transport is not None:
             self.transport.abort()
 
     async def _connect(self, pool: Pool) -> None:
         ctx = TcpContext(self.client_ip)
-        upstreams = self.listener.daemon.upstreams
         for _ in range(pool.config.retries + 1):
             b = pool.select(ctx, self.tried)
             if b is None:
@@ -158,7 +158,7 @@ class TcpClient(asyncio.Protocol):
                     asyncio.get_running_loop().create_connection(
                         lambda: TcpUpstream(self), b.host, b.port
                     ),
-                    upstreams.connect_timeout,
+                    self.listener.timeouts.connect,
                 )
             except (TimeoutError, OSError) as e:
                 pool.release(b, failed=True)
@@ -242,9 +242,9 @@ class TcpClient(asyncio.Protocol):
         self.closed = True
         if self.admitted:
             self.admitted = False
-            self.listener.daemon.limits.release(self.client_ip)
+            self.listener.limits.release(self.client_ip)
             self.listener.connections.discard(self)
-            self.listener.daemon.watchdog.discard(self)
+            self.listener.watchdog.discard(self)
         up = self.upstream
         self.upstream = None  # the two protocols point at each other: break the cycle
         if up is not None and up.transport is not None:
@@ -259,17 +259,31 @@ class TcpClient(asyncio.Protocol):
 
 
 class TcpListener(Listener):
-    def __init__(self, config: ListenerConfig, *, pool: Pool, daemon: Daemon) -> None:
-        super().__init__()
-        self.daemon = daemon
-        self.limits = daemon.limits
-        self.apply(config, pool=pool)
+    """A listener in mode: tcp. A reload swaps `pool` and `timeouts` through apply(): new
+    sessions see them, running ones keep the pool they started on."""
 
-    def apply(self, config: ListenerConfig, *, pool: Pool) -> None:
+    def __init__(
+        self,
+        config: ListenerConfig,
+        *,
+        pool: Pool,
+        watchdog: Watchdog,
+        limits: ClientLimits,
+        timeouts: TimeoutsConfig,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__()
+        self.loop = loop
+        self.watchdog = watchdog  # ends sessions idle for timeouts.tcp_idle
+        self.limits = limits
+        self.apply(config, pool=pool, timeouts=timeouts)
+
+    def apply(self, config: ListenerConfig, *, pool: Pool, timeouts: TimeoutsConfig) -> None:
         self.config = config
         self.name = config.name
         self.pool = pool
-        self.header_timeout = self.daemon.config.timeouts.client_header  # for proxy_protocol
+        self.timeouts = timeouts  # tcp_idle and connect (to the backend)
+        self.header_timeout = timeouts.client_header  # for proxy_protocol
 
     def protocol(self, client_ip: str) -> TcpClient:
         return TcpClient(self, client_ip)

@@ -13,7 +13,7 @@ from balancer.admin.metrics import Metrics
 from balancer.backend import BackendState
 from balancer.cluster import channel, state
 from balancer.config import Address, BackendConfig, LimitsConfig, PoolConfig, parse
-from balancer.daemon import process_limits
+from balancer.daemon import WorkerWiring, process_limits
 from balancer.pool import Pool
 from balancer.proxy.tcp import TcpContext
 from tests.unit.test_metrics import FakeDaemon, FakeExchange, FakeListener, scrape, total, value
@@ -332,7 +332,7 @@ def test_a_worker_refuses_an_owner_of_another_protocol() -> None:
         a, b = socket.socketpair()
         owner = await channel.Channel.open(a)
         owner.send({"type": "config", "protocol": channel.PROTOCOL + 1, "generation": 1})
-        assert await worker.run(b.detach(), 1) == 1
+        assert await worker.run(b.detach(), 1, WorkerWiring()) == 1
         msg = await owner.recv()
         assert msg is not None and msg["type"] == "failed"
         assert "upgraded under a running owner" in msg["error"]

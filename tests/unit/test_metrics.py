@@ -67,6 +67,7 @@ class FakeDaemon:
         self.checkers: dict[str, object] = {}
         self.listeners: dict[str, object] = {}
         self.ha: object | None = None
+        self.cluster: object | None = None
         self.reloads = 0
         self.reload_failures = 0
 
