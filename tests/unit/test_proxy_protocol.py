@@ -130,12 +130,12 @@ def test_v2_inet6_and_mapped_v4() -> None:
 
 
 def test_v2_tlvs_are_skipped() -> None:
-    block = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + struct.pack("!HH", 1000, 80)
+    block = bytes([198, 18, 0, 1, 198, 18, 0, 2]) + struct.pack("!HH", 1000, 80)
     tlvs = b"\x01\x00\x02h2" + b"\x04\x00\x00"  # ALPN, NOOP
     hdr = v2(0x21, 0x11, block + tlvs)
     result = parse(hdr + b"GET")
     assert isinstance(result, ProxyHeader)
-    assert result.source == ("10.0.0.1", 1000) and result.length == len(hdr)
+    assert result.source == ("198.18.0.1", 1000) and result.length == len(hdr)
 
 
 def test_v2_local_keeps_the_socket_peer() -> None:
