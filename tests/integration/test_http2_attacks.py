@@ -106,6 +106,15 @@ def read_goaway(s: socket.socket, timeout: float = 10.0) -> int | None:
     return None
 
 
+def flood(s: socket.socket, data: bytes, times: int = 1) -> None:
+    """Send `data` `times` over; the server closing mid-flood is the answer, not a failure."""
+    try:
+        for _ in range(times):
+            s.sendall(data)
+    except OSError:
+        pass
+
+
 def request_block(path: str = "/", extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
     enc = hpack.Encoder()
     return enc.encode(
@@ -140,10 +149,7 @@ def test_rapid_reset_ends_the_connection_and_others_are_served(procs, ca):
             )
             burst += HeadersFrame(sid, block, flags=["END_HEADERS", "END_STREAM"]).serialize()
             burst += RstStreamFrame(sid, error_code=8).serialize()
-        try:
-            s.sendall(burst)
-        except OSError:
-            pass  # closed by the server mid-burst: that is the answer
+        flood(s, burst)
         assert read_goaway(s) == ENHANCE_YOUR_CALM
     finally:
         s.close()
@@ -161,12 +167,8 @@ def test_continuation_flood_is_a_connection_error(procs, ca):
         block = request_block()
         frames = HeadersFrame(1, block, flags=[]).serialize()  # no END_HEADERS
         junk = ContinuationFrame(1, b"\x40\x01x\x01y", flags=[]).serialize()
-        try:
-            s.sendall(frames)
-            for _ in range(50):
-                s.sendall(junk * 200)
-        except OSError:
-            pass
+        s.sendall(frames)
+        flood(s, junk * 200, 50)
         assert read_goaway(s) == PROTOCOL_ERROR
     finally:
         s.close()
@@ -218,11 +220,7 @@ def test_control_frame_floods_end_the_connection(procs, ca, kind):
         else:
             s.sendall(HeadersFrame(1, request_block("/echo"), flags=["END_HEADERS"]).serialize())
             frame = DataFrame(1, b"").serialize()
-        try:
-            for _ in range(10):
-                s.sendall(frame * 500)
-        except OSError:
-            pass
+        flood(s, frame * 500, 10)
         assert read_goaway(s) == ENHANCE_YOUR_CALM
     finally:
         s.close()
