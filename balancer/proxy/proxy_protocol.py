@@ -178,9 +178,24 @@ def _parse_v2(buf: bytes) -> ProxyHeader | _NeedMore:
     layout, af = (_V2_INET, socket.AF_INET) if family == _AF_INET else (_V2_INET6, socket.AF_INET6)
     if payload < layout.size:
         raise ProxyProtocolError("v2 header: address block shorter than its family needs")
-    # whatever follows the addresses is TLVs: skipped (the length covers them)
+    # whatever follows the addresses is TLVs: none is needed, but each must fit, since a
+    # header whose TLVs run past its length is malformed and its addresses can't be trusted
+    _check_tlvs(buf, V2_HEADER + layout.size, length)
     src, dst, sport, dport = layout.unpack_from(buf, V2_HEADER)
     return ProxyHeader((_v2_host(af, src), sport), (_v2_host(af, dst), dport), length, 2)
+
+
+def _check_tlvs(buf: bytes, start: int, end: int) -> None:
+    at = start
+    while at < end:
+        if end - at < 3:
+            raise ProxyProtocolError(f"v2 header: {end - at} stray byte(s) after the last TLV")
+        size = int.from_bytes(buf[at + 1 : at + 3], "big")
+        if at + 3 + size > end:
+            raise ProxyProtocolError(
+                f"v2 header: TLV 0x{buf[at]:02x} of {size} bytes runs past the header"
+            )
+        at += 3 + size
 
 
 def _v2_host(af: int, packed: bytes) -> str:

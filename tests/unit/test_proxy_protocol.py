@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 
 import pytest
@@ -136,6 +137,19 @@ def test_v2_tlvs_are_skipped() -> None:
     result = parse(hdr + b"GET")
     assert isinstance(result, ProxyHeader)
     assert result.source == ("198.18.0.1", 1000) and result.length == len(hdr)
+
+
+@pytest.mark.parametrize(
+    "tlvs, message",
+    [
+        (b"\x01\x00\x09h2", "TLV 0x01 of 9 bytes runs past the header"),
+        (b"\x04\x00\x00" + b"\x02\x00", "2 stray byte(s) after the last TLV"),
+    ],
+)
+def test_v2_tlvs_that_run_past_the_header_are_refused(tlvs: bytes, message: str) -> None:
+    block = bytes([198, 18, 0, 1, 198, 18, 0, 2]) + struct.pack("!HH", 1000, 80)
+    with pytest.raises(ProxyProtocolError, match=re.escape(message)):
+        parse(v2(0x21, 0x11, block + tlvs) + b"GET")
 
 
 def test_v2_local_keeps_the_socket_peer() -> None:
