@@ -4,6 +4,8 @@ requests, flow control, errors as HTTP/2 answers, graceful GOAWAY, and curl as a
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -15,6 +17,7 @@ import trustme
 from tests.integration.h2peer import H2Peer
 from tests.integration.harness import Balancer, Processes, config, rss_kib
 from tests.integration.test_tls import write_cert
+from tests.support import missing_tool
 
 
 @pytest.fixture
@@ -262,3 +265,25 @@ def test_plain_listener_with_http2_speaks_h2c_and_http1(procs):
         text=True,
     )
     assert plain.stdout != "2 200", plain
+
+
+def test_h2load_streams_over_tls_are_all_answered_and_balanced(procs, ca):
+    """h2load (nghttp2) is the load client HTTP/2 peers are measured with: 4 connections of
+    10 concurrent streams each, every one answered 2xx and spread over both backends."""
+    if shutil.which("h2load") is None:
+        missing_tool("h2load not installed (Debian nghttp2-client)")
+    b1, b2 = procs.demo_backend("app1"), procs.demo_backend("app2")
+    lb = h2_balancer(procs, ca, [("app1", b1), ("app2", b2)])
+    run = subprocess.run(
+        ["h2load", "-n", "400", "-c", "4", "-m", "10", f"https://127.0.0.1:{lb.port}/"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Application protocol: h2" in run.stdout, run.stdout  # chosen by ALPN
+    done = re.search(r"requests: 400 total, \d+ started, (\d+) done, (\d+) succeeded", run.stdout)
+    assert done and done.groups() == ("400", "400"), run.stdout
+    assert re.search(r"status codes: 400 2xx", run.stdout), run.stdout
+    served = {b["name"]: b["requests"] for b in lb.status()["pools"]["web"]["backends"]}
+    assert sum(served.values()) == 400 and min(served.values()) >= 100, served
