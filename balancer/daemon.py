@@ -40,6 +40,7 @@ OWNER = "owner"
 WORKER = "worker"
 
 API = "api"  # the source of a backend added through the admin API
+STARTUP_DISCOVERY_WAIT = 3.0  # seconds a starting daemon waits for its registries' first answer
 
 
 class Daemon:
@@ -115,6 +116,8 @@ class Daemon:
             return  # health, admin and HA are the owner's
         self._start_checkers(STARTUP)
         await self._sync_discovery()
+        for running in self.discoveries.values():
+            await running.first_answers(STARTUP_DISCOVERY_WAIT)
         await self._start_admin()
         await self._start_ha()
         if cfg.workers > 1:

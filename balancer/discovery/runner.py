@@ -111,6 +111,7 @@ class PoolDiscovery:
         self._tasks: list[asyncio.Task] = []
         self._wake: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._answered = asyncio.Event()  # every source answered or failed once
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -126,6 +127,18 @@ class PoolDiscovery:
                     )
                 )
             )
+
+    async def first_answers(self, timeout: float) -> None:
+        """Wait (up to `timeout`) until every source has answered or failed once: a daemon
+        starting up then serves its registered backends from the first request on."""
+        try:
+            await asyncio.wait_for(self._answered.wait(), timeout)
+        except TimeoutError:
+            log.warning("pool %s: no answer from its registries yet; serving on", self.pool_name)
+
+    def _check_answered(self) -> None:
+        if all(st.state != STARTING for st in self.states.values()):
+            self._answered.set()
 
     async def stop(self) -> None:
         if self._wake is not None:
@@ -148,6 +161,7 @@ class PoolDiscovery:
         st.skipped = len(snapshot.skipped)
         self.snapshots[kind] = snapshot
         self.reconcile()
+        self._check_answered()
 
     def unavailable(self, kind: str, reason: str) -> None:
         st = self.states[kind]
@@ -163,6 +177,7 @@ class PoolDiscovery:
                 reason,
                 st.records,
             )
+        self._check_answered()
 
     # -- reconciliation ---------------------------------------------------------------------
 
