@@ -263,3 +263,29 @@ def test_discovered_backends_reach_every_worker_process(procs, etcd):
         r = requests.get(lb.url + "/echo", timeout=5, headers={"Connection": "close"})
         assert r.status_code == 200 and r.headers["X-Backend-Name"] == "a"
     wait_port(lb.admin_port)
+
+
+def test_a_leader_change_in_a_three_member_cluster_is_ridden_out(procs):
+    peers = {f"m{i}": free_port() for i in range(3)}
+    members = [Etcd(procs, name=n, cluster=peers) for n in peers]
+    for m in members:
+        m.start(wait=False)
+    for m in members:
+        wait_port(m.client_port, m.proc, timeout=20)
+        m.wait_ready()
+    wait_until(lambda: any(m.leader() for m in members), 10, "a leader")
+    leader = next(m for m in members if m.leader())
+    others = [m for m in members if m is not leader]
+    a, b = procs.demo_backend("a"), procs.demo_backend("b")
+    cfg = discovery_config(leader)  # the leader first: that is where the watch goes
+    cfg["pools"]["web"]["discovery"]["etcd"]["endpoints"] = [
+        m.endpoint for m in (leader, *others)
+    ]
+    lb = procs.balancer(cfg)
+    leader.put(PREFIX + "a", {"address": f"127.0.0.1:{a}"})
+    wait_discovered(lb, {"a": "up"})
+    leader.stop(signal.SIGKILL)
+    wait_until(lambda: any(m.leader() for m in others), 10, "a new leader")
+    others[0].put(PREFIX + "b", {"address": f"127.0.0.1:{b}"})
+    wait_discovered(lb, {"a": "up", "b": "up"}, timeout=15)
+    assert lb.status()["pools"]["web"]["discovery"]["state"] == "fresh"
