@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -172,10 +172,18 @@ class DnsSource:
 
     kind = SOURCE
 
-    def __init__(self, config: DnsDiscoveryConfig, *, lifetime: float = QUERY_LIFETIME) -> None:
+    def __init__(
+        self,
+        config: DnsDiscoveryConfig,
+        *,
+        lifetime: float = QUERY_LIFETIME,
+        resolver: dns.asyncresolver.Resolver | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.config = config
         self.lifetime = lifetime
-        self._resolver: dns.asyncresolver.Resolver | None = None
+        self._resolver = resolver  # made on first use: the system's may be absent at start
+        self._sleep = sleep  # the tests read the waits from here
 
     def _make_resolver(self) -> dns.asyncresolver.Resolver:
         server = self.config.resolver
@@ -265,14 +273,14 @@ class DnsSource:
                 unavailable(reason)
                 last = None
                 backoff = next_backoff(backoff, interval)
-                await asyncio.sleep(backoff)
+                await self._sleep(backoff)
                 continue
             backoff = None
             content = (snapshot.records, snapshot.skipped)
             if content != last:
                 publish(snapshot)
                 last = content
-            await asyncio.sleep(next_delay(interval, snapshot.ttl))
+            await self._sleep(next_delay(interval, snapshot.ttl))
 
 
 def _reason(name: str, error: BaseException) -> str:
