@@ -4,10 +4,6 @@ records from a hosts file the test writes and changes (SIGHUP makes dnsmasq re-r
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,79 +14,13 @@ import uvloop
 from balancer.config.schema import Address, DnsDiscoveryConfig
 from balancer.discovery.dns import DnsSource
 from balancer.discovery.records import Snapshot
-from tests.integration.harness import Processes, free_port, wait_port
-from tests.support import missing_tool
-
-DOMAIN = "test"  # answered from local data only: unknown names under it are NXDOMAIN
-
-
-def dnsmasq_binary() -> str:
-    found = shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
-    if found is None:
-        missing_tool("dnsmasq is not installed (Debian package dnsmasq-base)")
-    assert found is not None
-    return found
-
-
-class Dnsmasq:
-    """One dnsmasq on 127.0.0.1:port, its names from `hosts`; restartable on the same port."""
-
-    def __init__(self, procs: Processes, tmp: Path, *extra: str, ttl: int = 1) -> None:
-        self.procs = procs
-        self.binary = dnsmasq_binary()
-        self.hosts = tmp / "dns-hosts"
-        self.hosts.write_text("")
-        self.port = free_port()
-        self.argv = [
-            self.binary,
-            "--keep-in-foreground",
-            f"--port={self.port}",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--no-resolv",
-            "--no-hosts",
-            "-C",
-            "/dev/null",
-            "--pid-file=",  # none: the default /run/dnsmasq.pid is the system's
-            "--log-facility=-",
-            "--log-queries",
-            f"--local=/{DOMAIN}/",
-            f"--addn-hosts={self.hosts}",
-            f"--local-ttl={ttl}",
-            *(["--user=root"] if os.geteuid() == 0 else []),  # else it drops to nobody,
-            # who cannot re-read a hosts file in pytest's private tmp directory
-            *extra,
-        ]
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> Address:
-        return Address("127.0.0.1", self.port)
-
-    def start(self) -> None:
-        self.proc = self.procs.start(self.argv, log_name="dnsmasq.log")
-        wait_port(self.port, self.proc)  # it serves TCP on the same port once ready
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.procs.stop(self.proc, signal.SIGKILL)
-
-    def set_hosts(self, text: str) -> None:
-        """New records, read at once (SIGHUP also empties dnsmasq's cache)."""
-        assert self.proc is not None
-        self.hosts.write_text(text)
-        os.kill(self.proc.pid, signal.SIGHUP)
+from tests.integration.dnsmasq import DOMAIN, Dnsmasq, dnsmasq_factory
+from tests.integration.harness import Processes
 
 
 @pytest.fixture
 def dnsmasq(procs: Processes, tmp_path: Path) -> Callable[..., Dnsmasq]:
-    def make(*extra: str, ttl: int = 1, hosts: str = "") -> Dnsmasq:
-        server = Dnsmasq(procs, tmp_path, *extra, ttl=ttl)
-        server.hosts.write_text(hosts)
-        server.start()
-        return server
-
-    return make  # the procs fixture stops it, by PID, however the test ends
+    return dnsmasq_factory(procs, tmp_path)
 
 
 class Watch:
