@@ -30,6 +30,7 @@ class Backend:
         "port",
         "weight",
         "max_connections",
+        "source",  # where it came from: "config", "api", "etcd" or "dns"
         # health (written by balancer.health through the pool)
         "healthy",
         "admin_state",
@@ -57,12 +58,14 @@ class Backend:
         port: int,
         weight: int = 1,
         max_connections: int = 0,
+        source: str = "config",
     ) -> None:
         self.name = name
         self.host = host
         self.port = port
         self.weight = weight
         self.max_connections = max_connections
+        self.source = source
         self.healthy = True
         self.admin_state = BackendState.UP  # UP, DRAINING or DISABLED: what the operator set
         self.ejected_until = 0.0

@@ -1,4 +1,4 @@
-"""Command line: `balancer run|check|demo|demo-backend` -> config -> daemon (and the internal
+"""Command line: `balancer run|check|register|demo|demo-backend` -> config -> daemon (and the internal
 `balancer worker` that `run` starts for `workers: N`)."""
 
 from __future__ import annotations
@@ -62,6 +62,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from balancer.daemon import run_daemon
 
     return _run_loop(run_daemon(cfg, log_level=args.log_level))
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from balancer.discovery.register import Registration, run_registration
+
+    try:
+        endpoints = [config_mod.parse_address(e) for arg in args.etcd for e in arg.split(",")]
+        config_mod.parse_address(args.address)
+        registration = Registration(
+            endpoints, args.prefix, args.name, args.address, weight=args.weight, ttl=args.ttl
+        )
+    except ValueError as e:
+        print(f"balancer register: {e}", file=sys.stderr)
+        return 2
+    _setup_logging(args.log_level)
+    return _run_loop(run_registration(registration))
 
 
 def demo_config_text() -> str:
@@ -173,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=os.environ.get("BALANCER_LOG_LEVEL", "info"))
     p = sub.add_parser("check", help="validate a config file")
     p.add_argument("-c", "--config", required=True, help="YAML config file")
+    p = sub.add_parser(
+        "register", help="keep an app server's key in etcd on a lease while this runs"
+    )
+    p.add_argument("--etcd", action="append", required=True, help="HOST:PORT (repeat or comma)")
+    p.add_argument("--prefix", required=True, help="the pool's discovery.etcd.prefix")
+    p.add_argument("--name", required=True, help="the backend's name (the key is PREFIX+NAME)")
+    p.add_argument("--address", required=True, help="HOST:PORT the balancers connect to")
+    p.add_argument("--weight", type=int, default=1)
+    p.add_argument("--ttl", type=int, default=5, help="lease seconds (default 5)")
+    p.add_argument("--log-level", default="info")
     p = sub.add_parser("demo", help="three demo app servers behind a balancer on :8080")
     p.add_argument("--log-level", default="info")
     p.add_argument(
@@ -197,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "register":
+        return cmd_register(args)
     if args.command == "demo":
         return cmd_demo(args)
     return 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import logging
 import os
@@ -16,10 +15,11 @@ from balancer import config as config_mod
 from balancer import sticky
 from balancer.backend import Backend, BackendState
 from balancer.config import Address, BackendConfig, Config, ConfigError, PoolConfig
+from balancer.discovery.runner import CONFIG, PoolDiscovery
 from balancer.health import ActiveChecker, maintain_forever
-from balancer.pool import Pool, PoolEvents, backend_from_config
+from balancer.pool import NotifyingEvents, Pool, PoolEvents, backend_from_config
 from balancer.proxy.h2upstream import H2BackendConnections
-from balancer.proxy.limits import ClientLimits
+from balancer.proxy.limits import ClientLimits, process_limits
 from balancer.proxy.listener import HttpListener, Listener
 from balancer.proxy.observe import AccessLog, Observer
 from balancer.proxy.routing import Router
@@ -38,6 +38,9 @@ RUNTIME = "runtime"
 # state from the owner (balancer.cluster).
 OWNER = "owner"
 WORKER = "worker"
+
+API = "api"  # the source of a backend added through the admin API
+STARTUP_DISCOVERY_WAIT = 3.0  # seconds a starting daemon waits for its registries' first answer
 
 
 class Daemon:
@@ -62,6 +65,7 @@ class Daemon:
         self.pools: dict[str, Pool] = {}
         self.listeners: dict[str, object] = {}
         self.checkers: dict[str, ActiveChecker] = {}
+        self.discoveries: dict[str, PoolDiscovery] = {}  # pool name -> its registries
         self.ha = None
         self.metrics = None
         self.events = PoolEvents()
@@ -99,7 +103,7 @@ class Daemon:
         self._install_metrics()
         if self.role == OWNER:
             # health flips reach the workers at once (the supervisor also polls for the rest)
-            self.events = _NotifyingEvents(self.events, self._state_changed)
+            self.events = NotifyingEvents(self.events, self._state_changed)
         self.pools = self._build_pools(cfg, {})
         for lc in cfg.listeners:
             listener = self._make_listener(lc)
@@ -111,6 +115,9 @@ class Daemon:
         if self.role == WORKER:
             return  # health, admin and HA are the owner's
         self._start_checkers(STARTUP)
+        await self._sync_discovery()
+        for running in self.discoveries.values():
+            await running.first_answers(STARTUP_DISCOVERY_WAIT)
         await self._start_admin()
         await self._start_ha()
         if cfg.workers > 1:
@@ -181,7 +188,24 @@ class Daemon:
                     b.weight = bc.weight
                     b.max_connections = bc.max_connections
                     b.admin_state = BackendState.UP
+                    b.source = CONFIG
                 backends.append(b)
+            if (
+                prev is not None
+                and pc.discovery is not None
+                and prev.config.discovery == pc.discovery
+            ):
+                # same registries: what they gave stays (health, counters and all), except
+                # where the file now lists that name or address itself
+                listed = {(bc.address.host, bc.address.port) for bc in pc.backends}
+                names = {bc.name for bc in pc.backends}
+                backends += [
+                    b
+                    for b in prev.backends
+                    if b.source not in (CONFIG, API)
+                    and (b.host, b.port) not in listed
+                    and b.name not in names
+                ]
             pools[name] = Pool(
                 pc, backends, events=self.events, sticky_codec=self._sticky_codec(pc)
             )
@@ -210,6 +234,20 @@ class Daemon:
             return None
         d = os.path.dirname(os.path.abspath(self.config.source))
         return os.path.join(d, "sticky.key") if os.access(d, os.W_OK) else None
+
+    async def _sync_discovery(self) -> None:
+        """Start, keep or stop each pool's discovery: one whose settings a reload kept runs
+        on (its backends were carried into the new pool), a changed one starts over."""
+        wanted = {n: pc.discovery for n, pc in self.config.pools.items() if pc.discovery}
+        for name, running in list(self.discoveries.items()):
+            if wanted.get(name) != running.config:
+                await running.stop()
+                del self.discoveries[name]
+        for name, dc in wanted.items():
+            if name not in self.discoveries:
+                running = PoolDiscovery(name, dc, self)
+                running.start(self.loop)
+                self.discoveries[name] = running
 
     def _start_checkers(self, phase: str, previous: dict[str, ActiveChecker] | None = None) -> None:
         for name, pool in self.pools.items():
@@ -293,7 +331,7 @@ class Daemon:
             return ["no config file to reload (started without one)"]
         try:
             new = config_mod.load(source)
-            _check_reloadable(self.config, new)
+            config_mod.check_reloadable(self.config, new)
         except ConfigError as e:
             problems = [str(p) for p in e.problems]
             self.last_reload_error = problems
@@ -384,6 +422,7 @@ class Daemon:
             await checker.stop()
         if self.role == OWNER:
             self._start_checkers(RUNTIME, old_checkers)
+            await self._sync_discovery()
         # warm connections to servers no longer configured anywhere are closed
         live = {(b.host, b.port) for p in new_pools.values() for b in p.backends}
         for p in old_pools.values():
@@ -435,7 +474,14 @@ class Daemon:
         return pool, b
 
     def add_backend(
-        self, pool_name: str, name: str, address: str, weight: int = 1, max_connections: int = 0
+        self,
+        pool_name: str,
+        name: str,
+        address: str,
+        weight: int = 1,
+        max_connections: int = 0,
+        *,
+        source: str = API,
     ) -> Backend:
         pool = self._pool(pool_name)
         addr = config_mod.parse_address(address)
@@ -446,13 +492,14 @@ class Daemon:
         b = backend_from_config(
             BackendConfig(name, Address(addr.host, addr.port), weight, max_connections)
         )
+        b.source = source
         checker = self.checkers.get(pool_name)
         if checker is not None:
             b.healthy = False  # takes traffic once its first check passes
         pool.add_backend(b)
         if checker is not None:
             checker.add(b, verified=False)
-        log.warning("pool %s: backend %s (%s) added at runtime", pool_name, name, b.address)
+        log.warning("pool %s: backend %s (%s) added (%s)", pool_name, name, b.address, source)
         self._state_changed()
         return b
 
@@ -473,10 +520,14 @@ class Daemon:
         self._state_changed()
         return b
 
-    def remove_backend(self, pool_name: str, name: str) -> Backend:
+    def remove_backend(self, pool_name: str, name: str, *, drain: bool = True) -> Backend:
         """Drain `name` now and remove it once its in-flight requests finished (or the
-        drain timeout passed)."""
+        drain timeout passed); with drain=False remove it at once (its in-flight requests
+        still finish on the object they hold)."""
         pool, b = self.find_backend(pool_name, name)
+        if not drain:
+            self._removed(pool_name, pool, b)
+            return b
         pool.set_admin_state(b, BackendState.DRAINING)
         task = self.loop.create_task(self._finish_removal(pool_name, b))
         self._removals.add(task)
@@ -489,13 +540,16 @@ class Daemon:
         while b.inflight > 0 and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         if b.admin_state is not BackendState.DRAINING:
-            # a reload whose file still lists this backend put it back in service: the file
-            # wins over the pending runtime removal
-            log.warning("pool %s: removal of %s cancelled by a reload", pool_name, b.name)
+            # put back in service meanwhile (a reload whose file still lists it, an operator,
+            # its registry key back): the pending removal is void
+            log.warning("pool %s: removal of %s cancelled: back in service", pool_name, b.name)
             return
         pool = self.pools.get(pool_name)
         if pool is not None:
-            pool.remove_backend(b)
+            self._removed(pool_name, pool, b)
+
+    def _removed(self, pool_name: str, pool: Pool, b: Backend) -> None:
+        pool.remove_backend(b)
         checker = self.checkers.get(pool_name)
         if checker is not None:
             checker.remove(b)
@@ -576,6 +630,8 @@ class Daemon:
             await self._drain_all()
         for checker in self.checkers.values():
             await checker.stop()
+        for running in self.discoveries.values():
+            await running.stop()
         for task in self._tasks + list(self._removals):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._removals, return_exceptions=True)
@@ -638,6 +694,9 @@ class Daemon:
         checker = self.checkers.get(name)
         for entry, b in zip(st["backends"], pool.backends, strict=True):
             entry["health_checks"] = checker.history(b) if checker is not None else []
+        running = self.discoveries.get(name)
+        if running is not None:
+            st["discovery"] = running.status()
         return st
 
 
@@ -720,63 +779,3 @@ async def cleanup_partial(daemon: Daemon) -> None:
         task.cancel()
     if daemon._admin_runner is not None:
         await daemon._admin_runner.cleanup()
-
-
-def process_limits(cfg: Config) -> config_mod.LimitsConfig:
-    """The limits one process enforces: `max_connections` is split between the processes
-    (each takes ceil(max / workers)); the per-IP caps and rate apply in each process as
-    written (a client's connections land on whichever process the kernel picks)."""
-    limits = cfg.limits
-    if cfg.workers > 1 and limits.max_connections:
-        share = -(-limits.max_connections // cfg.workers)
-        return dataclasses.replace(limits, max_connections=share)
-    return limits
-
-
-def _check_reloadable(old: Config, new: Config) -> None:
-    """The settings a reload cannot apply to a running daemon: a file changing them is
-    rejected as a whole, with the reason, rather than reloaded with them silently kept."""
-    problems = []
-    if (old.workers > 1) != (new.workers > 1):
-        # listener sockets join a SO_REUSEPORT group only when bound with it
-        problems.append(
-            config_mod.Problem(
-                "workers",
-                f"changing workers from {old.workers} to {new.workers} needs a restart"
-                " (between one process and several, listener sockets must be bound anew)",
-                None,
-                new.source,
-            )
-        )
-    if old.ha != new.ha:
-        # the VIP, its interface, the heartbeat socket and the peer's view of this node are
-        # set up once; in a pair, restart one node at a time (SIGTERM hands the VIP over)
-        problems.append(
-            config_mod.Problem(
-                "ha",
-                "changes to the ha section need a restart (restart one node of the pair at a"
-                " time: SIGTERM on the active hands the virtual IP over to its peer)",
-                None,
-                new.source,
-            )
-        )
-    if problems:
-        raise ConfigError(problems)
-
-
-class _NotifyingEvents(PoolEvents):
-    """The pools' event hooks, passed on, plus a call to `changed` on every health flip."""
-
-    def __init__(self, inner: PoolEvents, changed: Callable[[], None]) -> None:
-        self.inner = inner
-        self.changed = changed
-
-    def health_changed(self, pool: Pool, backend: Backend, healthy: bool, reason: str) -> None:
-        self.inner.health_changed(pool, backend, healthy, reason)
-        self.changed()
-
-    def ejected(self, pool: Pool, backend: Backend, duration: float) -> None:
-        self.inner.ejected(pool, backend, duration)
-
-    def panic(self, pool: Pool, active: bool) -> None:
-        self.inner.panic(pool, active)

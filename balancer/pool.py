@@ -351,6 +351,7 @@ def backend_status(b: Backend) -> dict:
     return {
         "name": b.name,
         "address": b.address,
+        "source": b.source,
         "state": b.state.value,
         "healthy": b.healthy,
         "ejected": bool(b.ejected_until),
@@ -361,3 +362,21 @@ def backend_status(b: Backend) -> dict:
         "requests": b.requests,
         "errors": b.errors,
     }
+
+
+class NotifyingEvents(PoolEvents):
+    """The pools' event hooks, passed on, plus a call to `changed` on every health flip."""
+
+    def __init__(self, inner: PoolEvents, changed: Callable[[], None]) -> None:
+        self.inner = inner
+        self.changed = changed
+
+    def health_changed(self, pool: Pool, backend: Backend, healthy: bool, reason: str) -> None:
+        self.inner.health_changed(pool, backend, healthy, reason)
+        self.changed()
+
+    def ejected(self, pool: Pool, backend: Backend, duration: float) -> None:
+        self.inner.ejected(pool, backend, duration)
+
+    def panic(self, pool: Pool, active: bool) -> None:
+        self.inner.panic(pool, active)

@@ -18,6 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from balancer.admin.discovery_metrics import discovery_families
 from balancer.backend import Backend, BackendState
 from balancer.pool import Pool, PoolEvents
 
@@ -85,6 +86,9 @@ class Source(Protocol):
 
     @property
     def ha(self) -> surface.Ha | None: ...
+
+    @property
+    def discoveries(self) -> Mapping[str, surface.Discovery]: ...  # pool name -> registries
 
     @property
     def reloads(self) -> int: ...
@@ -246,6 +250,7 @@ class Metrics:
         yield from self._health()
         yield from self._listeners(remote, workers)
         yield from self._ha()
+        yield from discovery_families(self.daemon.discoveries)
         reloads = CounterMetricFamily(
             "balancer_config_reloads",
             "Config reloads (SIGHUP or POST /reload) by result.",

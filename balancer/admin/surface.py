@@ -63,3 +63,9 @@ class Listener(Protocol):
 
     @property
     def refused(self) -> int: ...
+
+
+class Discovery(Protocol):
+    """One pool's registries (balancer.discovery.runner.PoolDiscovery)."""
+
+    def status(self) -> dict[str, Any]: ...  # {"state", "since", "sources": {kind: {...}}, "held"}

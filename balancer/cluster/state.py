@@ -66,6 +66,7 @@ def snapshot(
                 "port": b.port,
                 "weight": b.weight,
                 "max_connections": b.max_connections,
+                "source": b.source,
                 "healthy": b.healthy,
                 "admin_state": b.admin_state.value,
                 "load": b.reported_load,
@@ -118,6 +119,7 @@ def apply_state(
                         name, Address(e["host"], e["port"]), e["weight"], e["max_connections"]
                     )
                 )
+                b.source = e.get("source", b.source)
                 b.healthy = e["healthy"]
                 b.admin_state = BackendState(e["admin_state"])
                 pool.add_backend(b)

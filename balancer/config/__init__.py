@@ -20,7 +20,7 @@ ha, service), and load (parse/load and the checks that span sections).
 """
 
 from balancer.config.errors import ConfigError, Problem
-from balancer.config.load import load, parse, parse_as
+from balancer.config.load import check_reloadable, load, parse, parse_as
 from balancer.config.pools import check_sticky_key_file
 from balancer.config.schema import (
     MAX_HA_INSTANCES,
@@ -51,6 +51,7 @@ from balancer.config.schema import (
 from balancer.config.values import parse_address, parse_duration
 
 __all__ = [
+    "check_reloadable",
     "MAX_HA_INSTANCES",
     "MAX_NODE_ID_BYTES",
     "MAX_WORKERS",

@@ -195,3 +195,34 @@ def _tcp_pools_check_tcp(
         if not mapping_has(mapping_get(mapping_get(pools_node, name), "health_check"), "type"):
             out[name] = replace(pc, health_check=replace(pc.health_check, type="tcp"))
     return out
+
+
+def check_reloadable(old: Config, new: Config) -> None:
+    """The settings a reload cannot apply to a running daemon: a file changing them is
+    rejected as a whole, with the reason, rather than reloaded with them silently kept."""
+    problems = []
+    if (old.workers > 1) != (new.workers > 1):
+        # listener sockets join a SO_REUSEPORT group only when bound with it
+        problems.append(
+            Problem(
+                "workers",
+                f"changing workers from {old.workers} to {new.workers} needs a restart"
+                " (between one process and several, listener sockets must be bound anew)",
+                None,
+                new.source,
+            )
+        )
+    if old.ha != new.ha:
+        # the VIP, its interface, the heartbeat socket and the peer's view of this node are
+        # set up once; in a pair, restart one node at a time (SIGTERM hands the VIP over)
+        problems.append(
+            Problem(
+                "ha",
+                "changes to the ha section need a restart (restart one node of the pair at a"
+                " time: SIGTERM on the active hands the virtual IP over to its peer)",
+                None,
+                new.source,
+            )
+        )
+    if problems:
+        raise ConfigError(problems)

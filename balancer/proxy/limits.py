@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from balancer.config import LimitsConfig
+import dataclasses
+
+from balancer.config import Config, LimitsConfig
 
 
 class ClientLimits:
@@ -68,3 +70,14 @@ class ClientLimits:
         idle = max(2.0, 2.0 / rate)
         for ip in [ip for ip, (_, last) in self._buckets.items() if now - last > idle]:
             del self._buckets[ip]
+
+
+def process_limits(cfg: Config) -> LimitsConfig:
+    """The limits one process enforces: `max_connections` is split between the processes
+    (each takes ceil(max / workers)); the per-IP caps and rate apply in each process as
+    written (a client's connections land on whichever process the kernel picks)."""
+    limits = cfg.limits
+    if cfg.workers > 1 and limits.max_connections:
+        share = -(-limits.max_connections // cfg.workers)
+        return dataclasses.replace(limits, max_connections=share)
+    return limits

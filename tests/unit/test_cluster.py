@@ -13,8 +13,9 @@ from balancer.admin.metrics import Metrics
 from balancer.backend import BackendState
 from balancer.cluster import channel, state
 from balancer.config import Address, BackendConfig, LimitsConfig, PoolConfig, parse
-from balancer.daemon import WorkerWiring, process_limits
+from balancer.daemon import WorkerWiring
 from balancer.pool import Pool
+from balancer.proxy.limits import process_limits
 from balancer.proxy.tcp import TcpContext
 from tests.unit.test_metrics import FakeDaemon, FakeExchange, FakeListener, scrape, total, value
 

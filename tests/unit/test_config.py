@@ -384,7 +384,7 @@ def test_ha_defaults(tmp_path: Path) -> None:
 def test_reload_refuses_what_only_a_restart_can_apply(tmp_path: Path) -> None:
     # a reload changing the ha section (or going between one process and several) is
     # rejected with the reason, not applied with those settings silently kept
-    from balancer.daemon import _check_reloadable
+    from balancer.config import check_reloadable as _check_reloadable
 
     key = tmp_path / "ha.key"
     key.write_bytes(b"k" * 32)

@@ -68,6 +68,7 @@ class FakeDaemon:
         self.listeners: dict[str, object] = {}
         self.ha: object | None = None
         self.cluster: object | None = None
+        self.discoveries: dict[str, object] = {}
         self.reloads = 0
         self.reload_failures = 0
 
