@@ -12,7 +12,15 @@
 # (or compose's stop_grace_period) should be longer than that, or docker kills mid-drain.
 # The HA floating IP needs NET_ADMIN and NET_RAW, which a non-root user does not have; run an
 # HA node with --cap-add NET_ADMIN --cap-add NET_RAW --user root, on the host network.
-FROM python:3.11-slim
+# The registry of docker-compose.yml's discovery demo: Debian's etcd-server, nothing else.
+# (`docker build --target etcd .`; the balancer image below is the default target.)
+FROM debian:bookworm-slim AS etcd
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends etcd-server \
+    && rm -rf /var/lib/apt/lists/*
+ENTRYPOINT ["/usr/bin/etcd"]
+
+FROM python:3.11-slim AS balancer
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -53,6 +53,8 @@ class Fleet:
     apps: int = 3
     ports: FleetPorts = field(default_factory=FleetPorts)
     log_level: str = "warning"
+    app_args: tuple[str, ...] = ()  # extra `balancer demo-backend` options (--latency ...)
+    health_interval: str = "1s"
     etcd: subprocess.Popen | None = None
     lbs: list[subprocess.Popen] = field(default_factory=list)
     running: list[App] = field(default_factory=list)
@@ -92,7 +94,11 @@ class Fleet:
                 "web": {
                     "strategy": "round_robin",
                     "sticky": {"cookie": "LBSTICKY", "ttl": "1h", "key_file": str(key_file)},
-                    "health_check": {"path": "/healthz", "interval": "1s", "timeout": "500ms"},
+                    "health_check": {
+                        "path": "/healthz",
+                        "interval": self.health_interval,
+                        "timeout": "500ms",
+                    },
                     "discovery": {"etcd": {"endpoints": [self.etcd_endpoint], "prefix": PREFIX}},
                     "backends": [],
                 }
@@ -136,7 +142,9 @@ class Fleet:
         n = self._next_app
         self._next_app += 1
         name, port = f"app{n}", self.ports.app + n - 1
-        server = self._spawn(["demo-backend", "--port", str(port), "--name", name], name)
+        server = self._spawn(
+            ["demo-backend", "--port", str(port), "--name", name, *self.app_args], name
+        )
         _wait_port(f"127.0.0.1:{port}", server)
         registration = self._spawn(
             [

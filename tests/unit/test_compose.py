@@ -23,9 +23,15 @@ def test_compose_services_and_network() -> None:
     for name in ("lb1", "lb2"):
         svc = c["services"][name]
         assert {"NET_ADMIN", "NET_RAW"} <= set(svc["cap_add"])
-    for svc in c["services"].values():
-        assert svc["build"] == "."
-    assert (ROOT / "Dockerfile").is_file()
+    for name, svc in c["services"].items():
+        if name == "etcd":
+            assert svc["build"] == {"context": ".", "target": "etcd"}
+        else:
+            assert svc["build"] == "."
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert " AS etcd\n" in dockerfile and "etcd-server" in dockerfile
+    # the balancer image stays the default target: the last stage
+    assert dockerfile.rindex("FROM ") == dockerfile.index("FROM python:")
 
 
 def test_compose_mounts_and_configs_exist_and_are_valid() -> None:
@@ -61,3 +67,31 @@ def test_compose_backend_command_line_is_accepted(capsys) -> None:  # type: igno
         assert e.code == 2
     err = capsys.readouterr().err
     assert "--port" in err and "--host" not in err.split("error:")[-1]
+
+
+def test_compose_registered_apps_register_where_the_balancers_look() -> None:
+    from balancer.cli import build_parser
+
+    c = compose()
+    etcd_ip = c["services"]["etcd"]["networks"]["lan"]["ipv4_address"]
+    assert f"--advertise-client-urls=http://{etcd_ip}:2379" in c["services"]["etcd"]["command"]
+    prefixes = set()
+    for name in ("lb1", "lb2"):
+        text = (ROOT / "config/compose" / f"{name}.yaml").read_text()
+        cfg = parse(text.replace("/etc/balancer", str(ROOT / "config/compose")))
+        etcd = cfg.pools["web"].discovery.etcd
+        assert [str(e) for e in etcd.endpoints] == [f"{etcd_ip}:2379"]
+        prefixes.add(etcd.prefix)
+    for app in ("app4", "app5"):
+        svc = c["services"][app]
+        assert svc["entrypoint"][:2] == ["sh", "-c"]
+        script = svc["entrypoint"][2]
+        serve, register = script.split("&")
+        assert serve.split()[:2] == ["balancer", "demo-backend"]
+        argv = register.split()
+        assert argv[:2] == ["exec", "balancer"]
+        args = build_parser().parse_args(argv[2:])
+        assert args.command == "register" and args.name == app
+        assert args.etcd == [f"{etcd_ip}:2379"] and {args.prefix} == prefixes
+        ip = svc["networks"]["lan"]["ipv4_address"]
+        assert args.address == f"{ip}:8000" and "--port 8000" in serve
