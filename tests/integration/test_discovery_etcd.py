@@ -278,9 +278,7 @@ def test_a_leader_change_in_a_three_member_cluster_is_ridden_out(procs):
     others = [m for m in members if m is not leader]
     a, b = procs.demo_backend("a"), procs.demo_backend("b")
     cfg = discovery_config(leader)  # the leader first: that is where the watch goes
-    cfg["pools"]["web"]["discovery"]["etcd"]["endpoints"] = [
-        m.endpoint for m in (leader, *others)
-    ]
+    cfg["pools"]["web"]["discovery"]["etcd"]["endpoints"] = [m.endpoint for m in (leader, *others)]
     lb = procs.balancer(cfg)
     leader.put(PREFIX + "a", {"address": f"127.0.0.1:{a}"})
     wait_discovered(lb, {"a": "up"})
