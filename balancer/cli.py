@@ -85,6 +85,11 @@ def demo_config_text() -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.fleet:
+        from balancer.demo.fleet import FleetPorts, run_fleet
+
+        ports = FleetPorts(args.etcd_port, args.port, args.admin_port, args.app_port)
+        return run_fleet(balancers=args.balancers, apps=args.apps, churn=args.churn, ports=ports)
     _setup_logging(args.log_level)
     cfg = config_mod.parse(demo_config_text(), source="<demo>")
     if args.sticky:
@@ -204,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sticky", action="store_true", help="insert a sticky cookie (one server per browser)"
     )
+    fleet = p.add_argument_group("--fleet: etcd, several balancers, self-registering app servers")
+    fleet.add_argument("--fleet", action="store_true", help="run the fleet demo")
+    fleet.add_argument("--balancers", type=int, default=2, help="balancers (default 2)")
+    fleet.add_argument("--apps", type=int, default=3, help="app servers at start (default 3)")
+    fleet.add_argument(
+        "--churn", type=float, default=20.0, help="seconds between app joins/leaves (0: none)"
+    )
+    fleet.add_argument("--etcd-port", type=int, default=2379, help="etcd client port (+1 peer)")
+    fleet.add_argument("--port", type=int, default=8080, help="first balancer's port (+1 each)")
+    fleet.add_argument("--admin-port", type=int, default=9000, help="first admin port (+1 each)")
+    fleet.add_argument("--app-port", type=int, default=9101, help="first app server port")
     sub.add_parser("demo-backend", help="one demo app server", add_help=False)
     return parser
 
