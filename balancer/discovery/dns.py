@@ -208,6 +208,8 @@ class DnsSource:
         except dns.resolver.NoResolverConfiguration as e:
             raise RegistryUnavailable(f"no system resolver: {e}") from e
         except (dns.exception.DNSException, OSError) as e:
+            if self.config.resolver is None:
+                self._resolver = None  # read resolv.conf again: it may name other servers now
             raise RegistryUnavailable(_reason(self.config.name, e)) from e
 
     async def _query(

@@ -178,3 +178,13 @@ def test_a_refusing_resolver_is_unavailable_not_an_empty_answer(dnsmasq) -> None
             await watch.stop()
 
     uvloop.run(main())
+
+
+def test_a_cname_is_followed_to_its_addresses(dnsmasq) -> None:  # type: ignore[no-untyped-def]
+    server = dnsmasq("--cname=alias.test,app.test", hosts="127.0.0.11 app.test\n")
+
+    async def main() -> None:
+        snapshot = await source(server, "alias.test").resolve()
+        assert names(snapshot) == ["127.0.0.11-8080"]
+
+    uvloop.run(main())

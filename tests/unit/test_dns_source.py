@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import dns.asyncresolver
 import dns.message
 import dns.name
 import dns.rdatatype
@@ -318,3 +319,21 @@ def test_empty_answers_are_published_like_any_change() -> None:
     empty = Snapshot("dns", (), ttl=None)
     _, events = play([A1, empty, empty, A1])
     assert events == [A1, empty, A1]
+
+
+def test_the_configured_resolver_is_the_only_one_asked_and_without_one_the_systems() -> None:
+    configured = DnsSource(
+        DnsDiscoveryConfig(name="app.test", port=80, resolver=Address("127.0.0.1", 5353))
+    )._make_resolver()
+    assert [(ns.address, ns.port) for ns in configured.nameservers] == [("127.0.0.1", 5353)]
+    assert configured.cache is None and configured.search == []
+
+
+def test_no_system_resolver_configuration_is_unavailable_not_a_crash(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no_conf(*args: object, **kw: object) -> None:
+        raise dns.resolver.NoResolverConfiguration("no nameservers")
+
+    monkeypatch.setattr(dns.asyncresolver, "Resolver", no_conf)
+    src = DnsSource(DnsDiscoveryConfig(name="app.test", port=80))  # resolver: the system's
+    with pytest.raises(RegistryUnavailable, match="no system resolver"):
+        asyncio.run(src.resolve())
