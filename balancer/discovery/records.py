@@ -14,7 +14,7 @@ from balancer.config.schema import Address
 class Record:
     """One backend as the registry describes it."""
 
-    name: str  # its name in the pool: the etcd key's NAME, or "host:port" from DNS
+    name: str  # its name in the pool: the etcd key's NAME, or "IP-port" from DNS
     address: Address
     weight: int = 1
 
