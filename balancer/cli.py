@@ -47,11 +47,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg is None:
         return 1
     pools = ", ".join(
-        f"{n} ({len(p.backends)} backends, {p.strategy})" for n, p in cfg.pools.items()
+        f"{n} ({len(p.backends)} backends{_discovered(p)}, {p.strategy})"
+        for n, p in cfg.pools.items()
     )
     procs = f", {cfg.workers} processes" if cfg.workers > 1 else ""
     print(f"{args.config}: OK: {len(cfg.listeners)} listener(s){procs}; pools: {pools}")
     return 0
+
+
+def _discovered(pool: config_mod.PoolConfig) -> str:
+    d = pool.discovery
+    if d is None:
+        return ""
+    kinds = [k for k, v in (("etcd", d.etcd), ("dns", d.dns)) if v is not None]
+    return " + " + " and ".join(kinds)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -42,6 +42,29 @@ def test_check_accepts_the_demo_config():
     assert "OK" in r.stdout
 
 
+def test_check_names_where_a_pool_discovers_its_backends(tmp_path):
+    path = tmp_path / "d.yaml"
+    path.write_text(
+        "listeners: [{name: http, bind: '127.0.0.1:8080', routes: [{pool: web}]}]\n"
+        "pools:\n  web:\n    discovery:\n"
+        "      etcd: {endpoints: ['127.0.0.1:2379'], prefix: /p/}\n"
+        "      dns: {name: app.internal, type: SRV}\n"
+    )
+    r = balancer("check", "-c", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "web (0 backends + etcd and dns, round_robin)" in r.stdout
+
+
+def test_register_refuses_what_the_balancers_would_skip():
+    for bad, why in (
+        (["--name", "a/b", "--address", "127.0.0.1:1"], "not a backend name"),
+        (["--name", "a", "--address", "127.0.0.1"], "port"),
+        (["--name", "a", "--address", "127.0.0.1:1", "--ttl", "1"], "ttl"),
+    ):
+        r = balancer("register", "--etcd", "127.0.0.1:1", "--prefix", "/p/", *bad)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_check_reports_every_problem_with_its_location(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(BAD.format(port=free_port()))
