@@ -117,8 +117,12 @@ def main() -> int:
             while samples and samples[0][0] < now - 3.0:
                 samples.popleft()
             avg = sum(x for _, x in samples) / len(samples)
-            requests = sum(b["requests"] for b in pool["backends"])
-            rate = None if last_requests is None else (requests - last_requests) / (now - last_t)
+            # per backend, so that one leaving the pool (and its counter the sum) is no dip
+            requests = {b["name"]: b["requests"] for b in pool["backends"]}
+            rate = None
+            if last_requests is not None:
+                done = sum(n - last_requests.get(name, 0) for name, n in requests.items())
+                rate = max(0, done) / (now - last_t)
             last_requests, last_t = requests, now
             want = desired(avg, args.target, args.min, args.max)
             wanted.append((now, want))
@@ -273,8 +277,8 @@ def chart(result: dict, path: Path) -> None:
     ax3.set_xlabel("seconds")
     ax3.legend(loc="upper left")
     fig.suptitle(
-        f"autoscaling through etcd, {result['date']}: {result['requests']} requests,"
-        f" {result['failures']} failed; backends {' → '.join(map(str, result['backends_path']))}"
+        f"autoscaling through etcd, {result['date']}\n{result['requests']} requests,"
+        f" {result['failures']} failed; app servers {' → '.join(map(str, result['backends_path']))}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)

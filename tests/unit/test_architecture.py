@@ -16,7 +16,6 @@ PACKAGE = Path(__file__).resolve().parents[2] / "balancer"
 
 # Outer to inner. A module may import from its own layer or any inner one, never an outer one.
 # An entry names a module and everything below it ("balancer.proxy" is the whole package).
-# Not every name need exist yet (balancer.discovery is coming).
 LAYERS: list[set[str]] = [
     {"balancer.cli", "balancer.__main__"},
     {"balancer.daemon"},
