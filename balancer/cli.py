@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sticky", action="store_true", help="insert a sticky cookie (one server per browser)"
     )
     sub.add_parser("demo-backend", help="one demo app server", add_help=False)
+    sub.add_parser("version", help="the version, and whether the hot path runs compiled")
     return parser
 
 
@@ -199,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "demo":
         return cmd_demo(args)
+    if args.command == "version":
+        from balancer import __version__, build
+
+        print(f"balancer {__version__}: {build.describe()}")
+        return 0
     return 2
 
 
