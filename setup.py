@@ -66,7 +66,8 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as e:  # CompileError, LinkError, a missing compiler
             self.failed.append(ext.name)
-            say(f"{ext.name}: {type(e).__name__}: {e}")
+            if len(self.failed) == 1:  # the others most likely fail the same way
+                say(f"{ext.name}: {type(e).__name__}: {e}")
 
 
 def extensions() -> list:
