@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--admin-port", type=int, default=9000, help="first admin port (+1 each)")
     fleet.add_argument("--app-port", type=int, default=9101, help="first app server port")
     sub.add_parser("demo-backend", help="one demo app server", add_help=False)
+    sub.add_parser("version", help="the version, and whether the hot path runs compiled")
     return parser
 
 
@@ -252,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_register(args)
     if args.command == "demo":
         return cmd_demo(args)
+    if args.command == "version":
+        from balancer import __version__, build
+
+        print(f"balancer {__version__}: {build.describe()}")
+        return 0
     return 2
 
 

@@ -11,8 +11,8 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
+from balancer import build, sticky
 from balancer import config as config_mod
-from balancer import sticky
 from balancer.backend import Backend, BackendState
 from balancer.config import Address, BackendConfig, Config, ConfigError, PoolConfig
 from balancer.discovery.runner import CONFIG, PoolDiscovery
@@ -84,6 +84,7 @@ class Daemon:
     # -- startup ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        build.note_interpreted(log)
         loop = asyncio.get_running_loop()
         self.loop = loop
         cfg = self.config
@@ -660,6 +661,7 @@ class Daemon:
     def status(self) -> dict:
         st = {
             "version": __import__("balancer").__version__,
+            "compiled": build.compiled(),
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "config": self.config.source,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import requests
 import yaml
 
+from balancer import build
 from tests.integration.harness import Balancer, config, free_port, http_raw
 from tests.integration.traffic import Traffic, msum, scrape, wait_until
 
@@ -207,6 +208,8 @@ def test_reload_with_a_broken_file_keeps_the_old_config(procs):
         assert "pools.web.strategy" in errors, errors
         st = lb.status()
         assert st["reloads"] == 0 and st["last_reload_error"] == body["errors"]
+        # the daemon runs the build this environment gets (compiled, or BALANCER_PURE=1)
+        assert st["compiled"] is build.compiled()
         assert names(lb) == ["app1", "app2"]
         # SIGHUP with the same file: rejected too, still serving
         lb.proc.send_signal(signal.SIGHUP)
