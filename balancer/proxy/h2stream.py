@@ -26,7 +26,11 @@ _PSEUDO = frozenset({b":method", b":path", b":authority", b":scheme"})
 
 # Response fields that describe an HTTP/1.1 connection and have no place in HTTP/2
 # (RFC 9113 8.2.2); the upstream side has already removed the others.
-_NOT_IN_H2 = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding"})
+# connection-specific fields (RFC 9113 8.2.2): an HTTP/1.1 backend's are left out of the
+# answer rather than have h2 refuse the whole response
+_NOT_IN_H2 = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
+)
 
 # gRPC status codes the balancer itself answers with (grpc/doc/statuscodes.md).
 GRPC_DEADLINE_EXCEEDED = b"4"
@@ -68,20 +72,14 @@ def parse_local(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """A local HTTP/1.1 answer (proxy/http.py local_response) as status, fields and body."""
     end = data.find(b"\r\n\r\n")
     head, body = data[:end], data[end + 4 :]
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ", 2)[1])
-    fields = []
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        lname = name.strip().lower()
-        if lname not in _NOT_IN_H2:
-            fields.append((lname, value.strip()))
-    return status, fields, body
+    status = int(head.split(b" ", 2)[1])
+    return status, response_fields(head), body
 
 
 def response_fields(head_out: bytes) -> list[tuple[bytes, bytes]]:
-    """The backend's end-to-end response fields from the HTTP/1.1 head the upstream side
-    prepared for HTTP/1.1 clients, lower-cased as HTTP/2 requires."""
+    """The end-to-end fields of an HTTP/1.1 response head (the backend's, as the upstream
+    side prepared it for HTTP/1.1 clients, or a local answer), lower-cased as HTTP/2
+    requires, without the connection-specific fields."""
     fields = []
     for line in head_out.split(b"\r\n")[1:]:
         if not line:

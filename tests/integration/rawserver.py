@@ -65,9 +65,15 @@ async def main() -> None:
                     writer.transport.abort()
                     return
                 payload = b"ok conn=%d\n" % conns
+                # "upgrade-offer": what Apache with mod_http2 sends on every answer
+                offer = (
+                    b"Upgrade: h2,h2c\r\nConnection: Upgrade\r\n"
+                    if mode == "upgrade-offer"
+                    else b""
+                )
                 writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Raw: 1\r\n\r\n%b"
-                    % (len(payload), payload)
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Raw: 1\r\n%b\r\n%b"
+                    % (len(payload), offer, payload)
                 )
                 await writer.drain()
                 if mode == "close":

@@ -243,6 +243,22 @@ def test_backend_dying_mid_response_resets_only_that_stream(procs, ca):
         peer.close()
 
 
+def test_a_backends_upgrade_offer_is_left_out_not_an_error(procs, ca):
+    """An HTTP/1.1 backend offering an upgrade on its answers (Apache with mod_http2 does):
+    those fields are connection-specific, so the h2 answer leaves them out instead of the
+    stream failing."""
+    port, _ = procs.raw_backend("offer", "upgrade-offer")
+    lb = h2_balancer(procs, ca, [("offer", port)])
+    peer = H2Peer(lb.port, tls=tls_client(ca))
+    try:
+        r = peer.get("/")
+        assert r.status == 200 and r.body.startswith(b"ok conn="), r
+        names = {name for name, _ in r.headers}
+        assert b"x-raw" in names and not names & {b"upgrade", b"connection"}
+    finally:
+        peer.close()
+
+
 def test_plain_listener_with_http2_speaks_h2c_and_http1(procs):
     b1 = procs.demo_backend("app1")
     cfg = config([("app1", b1)])
