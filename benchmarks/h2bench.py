@@ -101,7 +101,16 @@ backend be
     return t
 
 
+# the fixed-rate scenario: 10 clients x FIXED_RPS requests per second each, well below what
+# either proxy can do, so latency is the proxy's own, not a queue's
+FIXED_RPS = 200
+
+
 def h2load(target: Target, url: str, seconds: float, extra: list[str]) -> dict:
+    log = None
+    if "--rps" in " ".join(extra):
+        log = Path(tempfile.mktemp(prefix="h2load-", suffix=".log"))
+        extra = [*extra, f"--log-file={log}"]
     before = cpu_seconds(target.pids())
     out = subprocess.run(
         [
@@ -128,12 +137,18 @@ def h2load(target: Target, url: str, seconds: float, extra: list[str]) -> dict:
     if not m or not done:
         raise RuntimeError(f"h2load failed on {target.name}: {out.stdout[-800:]}{out.stderr}")
     n = int(done.group(2))
-    return {
+    result = {
         "rps": float(m.group(1)),
         "succeeded": n,
         "errors": int(done.group(1)) - n,
         "cpu_us_per_request": round(cpu / max(1, n) * 1e6, 1),
     }
+    if log is not None:
+        took = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line)
+        log.unlink()
+        result["p50_ms"] = took[len(took) // 2] / 1000
+        result["p99_ms"] = took[int(len(took) * 0.99)] / 1000
+    return result
 
 
 def main() -> int:
@@ -142,6 +157,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=8.0)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="h2bench-"))
+    work.chmod(0o755)  # nginx workers run as an unprivileged user and must read /64k
     lab = Lab(work)
     ca = trustme.CA()
     leaf = ca.issue_cert("localhost", "127.0.0.1")
@@ -167,6 +183,12 @@ def main() -> int:
                 haproxy_h2(lab, pem),
                 "https://localhost:{port}/small",
                 [],
+            ),
+            "h2 small fixed": (
+                lab.targets["balancer_h2"],
+                lab.targets["haproxy_h2"],
+                "https://localhost:{port}/small",
+                [f"--rps={FIXED_RPS}"],
             ),
             "h2 64k": (
                 lab.targets["balancer_h2"],
@@ -205,8 +227,15 @@ def main() -> int:
         med = {k: statistics.median(r["rps"] for r in v) for k, v in by.items()}
         cpu = {k: statistics.median(r["cpu_us_per_request"] for r in v) for k, v in by.items()}
         errors = {k: sum(r["errors"] for r in v) for k, v in by.items()}
+        latency = {
+            f"{k}_{q}": statistics.median(r[q] for r in v)
+            for k, v in by.items()
+            for q in ("p50_ms", "p99_ms")
+            if q in v[0]
+        }
         table.append(
             {
+                **latency,
                 "scenario": scen,
                 "balancer_rps": med["balancer"],
                 "haproxy_rps": med["haproxy"],
@@ -218,9 +247,15 @@ def main() -> int:
         )
     print(f"\n{'scenario':<12} {'balancer':>10} {'haproxy':>10} {'ratio':>6} {'cpu µs/req':>16}")
     for row in table:
+        p99 = (
+            f"  p99 {row['balancer_p99_ms']:.2f} vs {row['haproxy_p99_ms']:.2f} ms"
+            if "balancer_p99_ms" in row
+            else ""
+        )
         print(
-            f"{row['scenario']:<12} {row['balancer_rps']:>10.0f} {row['haproxy_rps']:>10.0f} "
+            f"{row['scenario']:<14} {row['balancer_rps']:>10.0f} {row['haproxy_rps']:>10.0f} "
             f"{row['ratio']:>6.2f} {row['balancer_cpu_us']:>7.1f} vs {row['haproxy_cpu_us']:<6.1f}"
+            f"{p99}"
         )
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
