@@ -306,7 +306,9 @@ class H2BackendConnection(asyncio.Protocol):
         self.going_away = False
         self.write_paused = False
         self.deadline = 0.0
-        self.ready = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.ready = self.loop.create_future()
+        self.flush_pending = False  # a _flush_now is scheduled for this loop iteration
 
     # -- capacity --------------------------------------------------------------------------
 
@@ -336,7 +338,7 @@ class H2BackendConnection(asyncio.Protocol):
         )
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self._flush()
+        self._flush_now()
         self.pool.watchdog.add(self)
         if not self.ready.done():
             self.ready.set_result(None)
@@ -370,7 +372,7 @@ class H2BackendConnection(asyncio.Protocol):
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             log.warning("backend %s: HTTP/2 protocol error: %s", self.authority.decode(), e)
-            self._flush()
+            self._flush_now()
             self._abort_all()
             return
         for ev in events:
@@ -401,7 +403,7 @@ class H2BackendConnection(asyncio.Protocol):
                 self._window_opened(ev.stream_id)
             elif t is h2.events.ConnectionTerminated:
                 self._goaway(ev.last_stream_id or 0)
-        self._flush()
+        self._flush_now()
 
     # -- used by the streams ---------------------------------------------------------------
 
@@ -532,8 +534,17 @@ class H2BackendConnection(asyncio.Protocol):
             self.deadline = self.loop_time() + self.pool.idle_timeout
 
     def _flush(self) -> None:
+        """Write what h2 has queued once per loop iteration: the HEADERS and DATA of every
+        call sent meanwhile leave in one write (as for client connections, h2client)."""
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self.flush_pending = False
         data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.closed:
+        # the transport, not self.closed: close() marks itself closed before its GOAWAY goes
+        if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def on_deadline(self, now: float) -> None:
@@ -547,7 +558,7 @@ class H2BackendConnection(asyncio.Protocol):
             self.pool.forget(self)
             try:
                 self.h2.close_connection()
-                self._flush()
+                self._flush_now()
             except h2.exceptions.ProtocolError:
                 pass
             if self.transport is not None:
