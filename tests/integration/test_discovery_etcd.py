@@ -287,3 +287,30 @@ def test_a_leader_change_in_a_three_member_cluster_is_ridden_out(procs):
     others[0].put(PREFIX + "b", {"address": f"127.0.0.1:{b}"})
     wait_discovered(lb, {"a": "up", "b": "up"}, timeout=15)
     assert lb.status()["pools"]["web"]["discovery"]["state"] == "fresh"
+
+
+def test_a_request_in_flight_when_its_key_goes_is_finished_not_cut(procs, etcd):
+    import threading
+
+    a, b = procs.demo_backend("a"), procs.demo_backend("b")
+    lb = procs.balancer(discovery_config(etcd, ("b", b)))
+    etcd.put(PREFIX + "a", {"address": f"127.0.0.1:{a}"})
+    wait_discovered(lb, {"a": "up"})
+    answers: list[requests.Response] = []
+
+    def slow() -> None:
+        with requests.Session() as s:
+            for _ in range(4):  # round robin: until a slow request lands on a
+                r = s.get(lb.url + "/echo?delay=2s", timeout=15)
+                if r.headers.get("X-Backend-Name") == "a":
+                    answers.append(r)
+                    return
+
+    t = threading.Thread(target=slow)
+    t.start()
+    wait_until(lambda: discovered(lb)["a"]["inflight"] == 1, 10, "a slow request on a")
+    etcd.delete(PREFIX + "a")
+    wait_until(lambda: discovered(lb).get("a", {}).get("state") == "draining", 5, "a draining")
+    t.join(20)
+    assert answers and answers[0].status_code == 200 and answers[0].headers["X-Backend-Name"] == "a"
+    wait_discovered(lb, {}, timeout=5)  # and once it finished, a is gone
