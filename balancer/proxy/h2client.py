@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 import h2.config
@@ -51,6 +52,8 @@ MAX_REQUESTS = 10000  # then a graceful GOAWAY: no connection lives for ever
 WINDOW = 10.0  # seconds over which floods are counted
 RESET_BUDGET = 200  # streams reset by the client before their answer, per WINDOW
 CONTROL_BUDGET = 2000  # SETTINGS, PING, PRIORITY and empty DATA frames, per WINDOW
+SLICE = 4096  # bytes handed to h2 at a time
+TURN = 0.005  # seconds of parsing one connection may take before the others get the loop
 
 NO_ERROR = 0
 PROTOCOL_ERROR = 1
@@ -124,6 +127,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.idle_since = 0.0
         self.flush_pending = False  # a _flush_now is scheduled for this loop iteration
+        self.backlog: bytearray | None = None  # read but not yet parsed (see _feed)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- connection ------------------------------------------------------------------------
@@ -184,15 +188,51 @@ class H2ClientConnection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
+        if self.backlog is not None:  # still working through an earlier read: keep order
+            self.backlog += data
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Hand `data` to h2 in slices, and after TURN seconds of work yield the loop to the
+        other connections, going on in its next iteration: a read full of tiny frames (a
+        flood, up to the budgets that end it) is parsed in turns, so it cannot hold every
+        other client's requests up for the whole of it."""
+        start = time.perf_counter()
+        size = len(data)
+        done = 0
+        while done < size:
+            chunk = data[done : done + SLICE] if size > SLICE else data
+            done += len(chunk)
+            if not self._receive(chunk):
+                return
+            if done < size and time.perf_counter() - start > TURN:
+                self.backlog = bytearray(data[done:])
+                if not self.read_paused:
+                    self.transport.pause_reading()  # type: ignore[union-attr]
+                self.loop.call_soon(self._feed_backlog)  # type: ignore[union-attr]
+                break
+        self._flush_now()
+
+    def _feed_backlog(self) -> None:
+        data, self.backlog = bytes(self.backlog or b""), None
+        if self.closed:
+            return
+        if not self.read_paused:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        self._feed(data)
+
+    def _receive(self, data: bytes) -> bool:
+        """One slice through h2 and the handlers; False once the connection ended."""
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.DenialOfServiceError as e:
             self._connection_error(ENHANCE_YOUR_CALM, f"refused: {e}", sent=True)
-            return
+            return False
         except h2.exceptions.ProtocolError as e:
             # h2 has queued its GOAWAY with the right code; the streams die with it
             self._connection_error(PROTOCOL_ERROR, f"protocol error: {e}", sent=True)
-            return
+            return False
         now = self.listener.loop_time()
         for ev in events:
             handler = _HANDLERS.get(type(ev))
@@ -201,8 +241,8 @@ class H2ClientConnection(asyncio.Protocol):
             elif isinstance(ev, _CONTROL_EVENTS) and not self.control.spend(now):
                 self._connection_error(ENHANCE_YOUR_CALM, "control frame flood")
             if self.closed:
-                return
-        self._flush_now()
+                return False
+        return True
 
     # -- events ----------------------------------------------------------------------------
 

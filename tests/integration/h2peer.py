@@ -70,6 +70,7 @@ class H2Peer:
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.closed = False
         self.remote_settings: dict[int, int] = {}
+        self.ping_acks = 0
         self.flush()
 
     # -- sending ---------------------------------------------------------------------------
@@ -176,6 +177,8 @@ class H2Peer:
                 # a graceful GOAWAY lets the streams below last_stream_id finish (RFC 9113
                 # 6.8); h2's client side treats any GOAWAY as the end, so it is told otherwise
                 self.conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        elif isinstance(ev, h2.events.PingAckReceived):
+            self.ping_acks += 1
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
             for code, change in ev.changed_settings.items():
                 self.remote_settings[int(code)] = change.new_value

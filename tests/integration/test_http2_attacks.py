@@ -227,6 +227,27 @@ def test_control_frame_floods_end_the_connection(procs, ca, kind):
         bystander.stop()
 
 
+def test_a_burst_below_the_budgets_is_parsed_in_turns_and_loses_nothing(procs, ca):
+    """1,500 PINGs and a request in one write: more than one turn of parsing (the balancer
+    yields the loop to other connections between turns), yet every PING is answered, in
+    order, and so is the request behind them."""
+    b1 = procs.demo_backend("app1")
+    lb = h2_balancer(procs, ca, [("app1", b1)])
+    peer = H2Peer(lb.port, tls=tls_client(ca))
+    try:
+        for i in range(1500):
+            peer.conn.ping(i.to_bytes(8, "big"))
+        sid = peer.request("/echo")  # flushes the pings and the request in one write
+        r = peer.wait(sid)
+        assert r.status == 200 and r.ended, r
+        deadline = time.monotonic() + 10
+        while peer.ping_acks < 1500 and time.monotonic() < deadline:
+            peer.pump()
+        assert peer.ping_acks == 1500 and peer.goaway is None and not peer.closed
+    finally:
+        peer.close()
+
+
 def test_a_preface_and_then_silence_is_closed_after_client_header(procs, ca):
     b1 = procs.demo_backend("app1")
     lb = h2_balancer(procs, ca, [("app1", b1)], timeouts={"client_header": "1s"})
