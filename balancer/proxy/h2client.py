@@ -128,6 +128,9 @@ class H2ClientConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.flush_pending = False  # a _flush_now is scheduled for this loop iteration
         self.backlog: bytearray | None = None  # read but not yet parsed (see _feed)
+        # streams whose HEADERS came in the slice being handled: started once it is done,
+        # unless the client reset them meanwhile (see _receive)
+        self.starting: dict[int, tuple[list, bool]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- connection ------------------------------------------------------------------------
@@ -156,6 +159,7 @@ class H2ClientConnection(asyncio.Protocol):
         listener.watchdog.discard(self)
         streams = list(self.streams.values())
         self.streams.clear()
+        self.starting.clear()
         for stream in streams:
             stream.reset_by_client()
 
@@ -242,7 +246,19 @@ class H2ClientConnection(asyncio.Protocol):
                 self._connection_error(ENHANCE_YOUR_CALM, "control frame flood")
             if self.closed:
                 return False
+        # a stream opened and reset within one slice (Rapid Reset's pattern) never reached
+        # this point: no exchange, no backend connection, was ever made for it
+        for sid in list(self.starting):
+            self._start(sid)
+            if self.closed:
+                return False
         return True
+
+    def _start(self, sid: int) -> None:
+        fields, ended = self.starting.pop(sid)
+        stream = self.streams.get(sid)
+        if stream is not None and not stream.closed:
+            stream.request_received(fields, ended)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -260,9 +276,11 @@ class H2ClientConnection(asyncio.Protocol):
         stream.last_progress = now
         self.streams[sid] = stream
         self.deadline = now + 1.0  # streams open: the sweep checks them each second
-        stream.request_received(ev.headers, ev.stream_ended is not None)
+        self.starting[sid] = (ev.headers, ev.stream_ended is not None)
 
     def _on_data(self, ev: h2.events.DataReceived, now: float) -> None:
+        if ev.stream_id in self.starting:
+            self._start(ev.stream_id)  # its exchange takes the body
         stream = self.streams.get(ev.stream_id)
         size = ev.flow_controlled_length
         if stream is None:
@@ -277,6 +295,11 @@ class H2ClientConnection(asyncio.Protocol):
             stream.request_done()
 
     def _on_stream_ended(self, ev: h2.events.StreamEnded, now: float) -> None:
+        waiting = self.starting.get(ev.stream_id)
+        if waiting is not None:
+            # not started yet: it starts as a request without a body (still resettable)
+            self.starting[ev.stream_id] = (waiting[0], True)
+            return
         stream = self.streams.get(ev.stream_id)
         if stream is not None and not stream.request_ended:
             stream.request_done()
@@ -289,7 +312,8 @@ class H2ClientConnection(asyncio.Protocol):
         stream = self.streams.pop(ev.stream_id, None)
         if stream is None:
             return
-        if stream.exchange is not None and not self.resets.spend(now):
+        opened = self.starting.pop(ev.stream_id, None) is not None
+        if (opened or stream.exchange is not None) and not self.resets.spend(now):
             self._connection_error(ENHANCE_YOUR_CALM, "too many streams reset (rapid reset)")
             return
         stream.reset_by_client()
@@ -479,6 +503,7 @@ class H2ClientConnection(asyncio.Protocol):
         self._flush_now()
         streams = list(self.streams.values())
         self.streams.clear()
+        self.starting.clear()
         for stream in streams:
             stream.reset_by_client()
         self._close()

@@ -51,6 +51,9 @@ class H2Peer:
         timeout: float = 10.0,
     ) -> None:
         raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        # as real clients do: without it a WINDOW_UPDATE followed by the next request waits
+        # out the server's delayed ACK (40 ms), which then reads as the balancer's latency
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not None:
             tls.set_alpn_protocols(["h2"])
             self.sock: socket.socket = tls.wrap_socket(raw, server_hostname=server_name)

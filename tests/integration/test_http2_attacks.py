@@ -67,7 +67,11 @@ class Bystander:
         self.peer.close()
         assert self.failures == 0 and self.latencies, (self.failures, len(self.latencies))
         worst = max(self.latencies)
-        print(f"bystander: {len(self.latencies)} requests, worst {worst * 1000:.0f} ms")
+        median = sorted(self.latencies)[len(self.latencies) // 2]
+        print(
+            f"bystander: {len(self.latencies)} requests, median {median * 1000:.1f} ms,"
+            f" worst {worst * 1000:.0f} ms"
+        )
 
 
 def raw_h2(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
@@ -156,6 +160,33 @@ def test_rapid_reset_ends_the_connection_and_others_are_served(procs, ca):
         bystander.stop()
     assert rss_kib(lb.proc.pid) - base < 50 * 1024
     assert "rapid reset" in lb.log_text()
+
+
+def test_streams_opened_and_reset_in_one_read_never_reach_a_backend(procs, ca):
+    """The balancer starts a stream's exchange only once the frames read with its HEADERS
+    are handled, so a Rapid Reset burst costs it parsing, not backend connections."""
+    port, _ = procs.raw_backend("counted")
+    lb = h2_balancer(procs, ca, [("counted", port)])
+    s = raw_h2(lb.port, tls_client(ca))
+    try:
+        enc = hpack.Encoder()
+        burst = b""
+        for i in range(150):  # below the reset budget: the connection lives on
+            sid = 2 * i + 1
+            block = enc.encode(
+                [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"localhost"),
+                 (b":path", b"/")]
+            )  # fmt: skip
+            burst += HeadersFrame(sid, block, flags=["END_HEADERS", "END_STREAM"]).serialize()
+            burst += RstStreamFrame(sid, error_code=8).serialize()
+        s.sendall(burst)
+        time.sleep(1.0)
+    finally:
+        s.close()
+    # routed to the backend (connection opened or taken from the pool) at all
+    routed = lb.backend("web", "counted")["requests"]
+    # a pair split across two reads or slices may start its stream; the rest never do
+    assert routed <= 10, routed
 
 
 def test_continuation_flood_is_a_connection_error(procs, ca):
