@@ -121,10 +121,12 @@ class Lab:
         self.backend_ports = [free_port(), free_port()]
         self._procs: list[subprocess.Popen] = []
 
-    def start(self, popen_args: list[str], *, core: str, log: str) -> subprocess.Popen:
+    def start(
+        self, popen_args: list[str], *, core: str, log: str, env: dict | None = None
+    ) -> subprocess.Popen:
         out = open(self.work / log, "ab")  # noqa: SIM115 - lives as long as the process
         p = subprocess.Popen(
-            ["taskset", "-c", core, *popen_args], stdout=out, stderr=subprocess.STDOUT
+            ["taskset", "-c", core, *popen_args], stdout=out, stderr=subprocess.STDOUT, env=env
         )
         self._procs.append(p)
         return p
@@ -175,7 +177,10 @@ http {{ access_log off; keepalive_timeout 120s; client_body_temp_path {self.work
         health: bool = False,
         workers: int = 1,
         core: str = PROXY_CORE,
+        pure: bool = False,
     ) -> Target:
+        """A balancer process; `pure`: the interpreted build (BALANCER_PURE=1), to show
+        beside the compiled one what compiling buys."""
         port, admin = free_port(), free_port()
         backends = "\n".join(
             f'      - {{name: app{i}, address: "127.0.0.1:{p}"}}'
@@ -211,9 +216,11 @@ workers: {workers}
             [sys.executable, "-m", "balancer", "run", "-c", str(cfg), "--log-level", "warning"],
             core=core,
             log=f"{name}.log",
+            env={**os.environ, "BALANCER_PURE": "1" if pure else "0"},
         )
         wait_port(port)
         t = Target(name, port, p, {"admin": admin})
+        t.extra["compiled"] = compiled_status(admin)
         self.targets[name] = t
         return t
 
@@ -352,6 +359,22 @@ def wrk(
     if m:
         errors += sum(int(x) for x in m.groups())
     return {"rps": rps, **lat, "errors": errors}
+
+
+def compiled_status(admin_port: int) -> bool | None:
+    """What a balancer's /status says of its build (None: no answer)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", admin_port), timeout=2) as s:
+                s.sendall(b"GET /status HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            return json.loads(data.split(b"\r\n\r\n", 1)[1]).get("compiled")
+        except (OSError, ValueError, IndexError):
+            time.sleep(0.2)
+    return None
 
 
 def cookie_of(port: int, name: str = "LBSTICKY") -> str:
@@ -522,10 +545,12 @@ def main() -> int:
     try:
         lab.start_backend()
         lab.start_balancer("balancer")
+        lab.start_balancer("balancer_pure", pure=True)
         lab.start_haproxy("haproxy")
         lab.start_nginx_proxy("nginx")
         if "sticky" in names:
             lab.start_balancer("balancer_sticky", sticky=True)
+            lab.start_balancer("balancer_sticky_pure", sticky=True, pure=True)
             lab.start_haproxy("haproxy_sticky", sticky=True)
         if "least_load" in names:
             lab.start_balancer("balancer_least_load", strategy="least_load")
@@ -540,8 +565,19 @@ def main() -> int:
             lab.start_haproxy("haproxy_2t", threads=2, core=both)
             lab.start_nginx_proxy("nginx_2p", processes=2, core=both)
         time.sleep(1.0)
+        builds = {n: t.extra["compiled"] for n, t in lab.targets.items() if "compiled" in t.extra}
+        results["builds"] = builds
+        print("compiled hot path per balancer target:", builds, flush=True)
+        if builds.get("balancer") is not True:
+            print("warning: the `balancer` target is not running compiled modules", flush=True)
         plan = {
-            "sticky": ["balancer_sticky", "haproxy_sticky", "balancer", "haproxy"],
+            "sticky": [
+                "balancer_sticky",
+                "balancer_sticky_pure",
+                "haproxy_sticky",
+                "balancer",
+                "haproxy",
+            ],
             "least_load": ["balancer_least_load", "balancer", "haproxy"],
             "metrics_off": ["balancer_metrics_off", "balancer"],
             "access_log": ["balancer_access_log", "balancer"],
@@ -550,7 +586,9 @@ def main() -> int:
         for rep in range(args.reps):
             for scen in names:
                 spec = SCENARIOS[scen]
-                targets = plan.get(scen, ["balancer", "haproxy", "nginx", "direct"])
+                targets = plan.get(
+                    scen, ["balancer", "balancer_pure", "haproxy", "nginx", "direct"]
+                )
                 for tname in targets:
                     t = lab.targets[tname]
                     headers = list(spec.get("headers", []))
@@ -574,7 +612,7 @@ def main() -> int:
                     )
         if not args.no_cpu:
             for label, path, clients in FIXED_RUNS:
-                for tname in ("balancer", "haproxy", "nginx"):
+                for tname in ("balancer", "balancer_pure", "haproxy", "nginx"):
                     runs = [
                         fixed_rate(
                             lab.targets[tname],
@@ -622,7 +660,11 @@ BASELINE = {"sticky": "haproxy_sticky", "two_cores": "haproxy_2t"}
 
 # Which row stands for each proxy in a scenario's bar group of the chart.
 CHART_AS = {
-    "sticky": {"balancer": "balancer_sticky", "haproxy": "haproxy_sticky"},
+    "sticky": {
+        "balancer": "balancer_sticky",
+        "balancer_pure": "balancer_sticky_pure",
+        "haproxy": "haproxy_sticky",
+    },
     "least_load": {"balancer": "balancer_least_load"},
     "metrics_off": {"balancer": "balancer_metrics_off"},
     "access_log": {"balancer": "balancer_access_log"},
@@ -642,7 +684,13 @@ def report(results: dict, out_dir: Path) -> None:
         "python": platform.python_version(),
     }
     results["meta"] = meta
-    lines = [f"balancer benchmark, {meta['date']}, {meta['machine']}", ""]
+    lines = [f"balancer benchmark, {meta['date']}, {meta['machine']}"]
+    if results.get("builds"):
+        lines.append(
+            "compiled hot path: "
+            + ", ".join(f"{t} {'yes' if c else 'no'}" for t, c in results["builds"].items())
+        )
+    lines.append("")
     lines.append(
         f"{'scenario':12s} {'target':22s} {'req/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'x HAProxy':>10s} {'x direct':>9s} {'errors':>7s}"
     )
@@ -718,7 +766,7 @@ def chart(table: list[dict], path: Path, meta: dict) -> None:
         for s in dict.fromkeys(r["scenario"] for r in table)
         if any(r["scenario"] == s and r["vs_haproxy"] for r in table)
     ]
-    targets = ["balancer", "haproxy", "nginx", "direct"]
+    targets = ["balancer", "balancer_pure", "haproxy", "nginx", "direct"]
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(targets)
     for i, t in enumerate(targets):

@@ -40,8 +40,11 @@ DL_BODY = 2  # reading a request body: 408
 DL_TUNNEL = 3  # upgraded connection idle: close both sides
 
 
-class ClientProtocol(asyncio.Protocol):
-    """One client connection on an HTTP listener."""
+class ClientProtocol:
+    """One client connection on an HTTP listener: an asyncio protocol.
+
+    It does not inherit asyncio.Protocol: compiled, it is a C type (client.pxd), which
+    can't inherit a Python class; the loop needs only the methods."""
 
     __slots__ = (
         "listener",

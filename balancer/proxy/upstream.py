@@ -78,8 +78,11 @@ class Relay(Protocol):
     def response_trailers(self, fields: list[tuple[bytes, bytes]]) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection to a backend."""
+class UpstreamConnection:
+    """One keep-alive connection to a backend: an asyncio protocol.
+
+    It does not inherit asyncio.Protocol: compiled, it is a C type (upstream.pxd), which
+    can't inherit a Python class; the loop needs only the methods."""
 
     # the response fields as a list, where a backend gave them so (HTTP/2): None here, the
     # head is bytes (head_out)
@@ -172,6 +175,9 @@ class UpstreamConnection(asyncio.Protocol):
             ex.upstream_failed(FAIL_RESET, self.reused, exc)
         else:
             ex.upstream_broken("backend closed the connection mid-response")
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes, and connection_lost tells the exchange
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
