@@ -22,8 +22,6 @@ import csv
 import json
 import math
 import os
-import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,24 +34,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from balancer.demo.fleet import Fleet, FleetPorts, status  # noqa: E402
-
-
-def free_run(n: int) -> int:
-    for _ in range(200):
-        base = random.randrange(20000, 60000)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no run of free ports")
+from balancer.demo.fleet import free_port_run as free_run  # noqa: E402
 
 
 def desired(inflight: float, target: float, low: int, high: int) -> int:

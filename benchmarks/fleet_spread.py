@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from balancer.demo.fleet import PREFIX, Fleet, FleetPorts, status  # noqa: E402
-from benchmarks.autoscale import free_run  # noqa: E402
+from balancer.demo.fleet import free_port_run as free_run  # noqa: E402
 
 
 def put(endpoint: str, key: str, value: dict | None) -> None:

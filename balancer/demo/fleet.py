@@ -208,6 +208,27 @@ class Fleet:
             out.close()
 
 
+def free_port_run(n: int) -> int:
+    """The first of `n` consecutive free loopback ports (a fleet's ports go in runs)."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 60000)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no run of {n} free ports")
+
+
 def status(admin: str) -> dict:
     with urllib.request.urlopen(f"http://{admin}/status", timeout=5) as r:
         return json.loads(r.read())

@@ -3,7 +3,7 @@ weight, asked of one resolver and re-resolved at the interval, never later than 
 
 Decisions (each is what the tests pin down):
 
-- A backend's name is its address and port, "10.0.0.5-8080" ("fd00::1" becomes "fd00__1-8080"):
+- A backend's name is its address and port, "198.18.0.5-8080" ("fd00::1" becomes "fd00__1-8080"):
   the pool's names allow only letters, digits, "_", "." and "-", and the address is what stays
   the same while a backend is the same backend, whatever record led to it.
 - An authoritative "no such name" (NXDOMAIN) or "no records of this type" (NODATA) is an
@@ -55,7 +55,7 @@ QUERY_LIFETIME = 3.0  # seconds one lookup may take, retries included
 
 
 def record_name(address: Address) -> str:
-    """A backend's name in the pool: "10.0.0.5-8080", or "fd00__1-8080" for "fd00::1"."""
+    """A backend's name in the pool: "198.18.0.5-8080", or "fd00__1-8080" for "fd00::1"."""
     return f"{address.host.replace(':', '_')}-{address.port}"
 
 

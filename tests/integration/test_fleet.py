@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import sys
@@ -14,31 +13,13 @@ import urllib.request
 
 import requests
 
+from balancer.demo.fleet import free_port_run as free_run
 from tests.integration.etcd import ETCD, b64
 from tests.integration.harness import Processes, wait_port
 from tests.integration.traffic import wait_until
 from tests.support import missing_tool
 
 PREFIX = "/balancer/pools/web/"
-
-
-def free_run(n: int) -> int:
-    """The first of `n` consecutive free loopback ports."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no run of free ports")
 
 
 def backends(admin: int) -> dict[str, str]:

@@ -11,8 +11,8 @@ from balancer.discovery.etcd_client import b64, prefix_end
 
 
 def test_a_value_is_an_address_and_an_optional_weight():
-    r = parse_value("app1", b'{"address": "10.0.0.5:8080", "weight": 3}')
-    assert (r.name, r.address, r.weight) == ("app1", Address("10.0.0.5", 8080), 3)
+    r = parse_value("app1", b'{"address": "198.18.0.5:8080", "weight": 3}')
+    assert (r.name, r.address, r.weight) == ("app1", Address("198.18.0.5", 8080), 3)
     assert parse_value("app2", b'{"address": "[::1]:81"}').weight == 1
 
 

@@ -49,9 +49,9 @@ def response(zone: str, qname: str = "app.test.", rdtype: str = "A") -> dns.mess
 
 
 def test_record_names_are_valid_pool_names_for_both_families() -> None:
-    assert record_name(Address("10.0.0.5", 8080)) == "10.0.0.5-8080"
+    assert record_name(Address("198.18.0.5", 8080)) == "198.18.0.5-8080"
     assert record_name(Address("fd00::1", 443)) == "fd00__1-443"
-    for name in ("10.0.0.5-8080", "fd00__1-443", record_name(Address("::1", 1))):
+    for name in ("198.18.0.5-8080", "fd00__1-443", record_name(Address("::1", 1))):
         assert NAME_RE.fullmatch(name), name
 
 
