@@ -117,8 +117,12 @@ class Daemon:
             return  # health, admin and HA are the owner's
         self._start_checkers(STARTUP)
         await self._sync_discovery()
-        for running in self.discoveries.values():
-            await running.first_answers(STARTUP_DISCOVERY_WAIT)
+        await asyncio.gather(
+            *(
+                running.first_answers(STARTUP_DISCOVERY_WAIT)
+                for running in self.discoveries.values()
+            )
+        )
         await self._start_admin()
         await self._start_ha()
         if cfg.workers > 1:
