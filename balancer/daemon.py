@@ -15,7 +15,7 @@ from balancer import build, sticky
 from balancer import config as config_mod
 from balancer.backend import Backend, BackendState
 from balancer.config import Address, BackendConfig, Config, ConfigError, PoolConfig
-from balancer.discovery.runner import CONFIG, PoolDiscovery
+from balancer.discovery.runner import CONFIG, PoolDiscovery, discovery_summary
 from balancer.health import ActiveChecker, maintain_forever
 from balancer.pool import NotifyingEvents, Pool, PoolEvents, backend_from_config
 from balancer.proxy.h2upstream import H2BackendConnections
@@ -675,6 +675,10 @@ class Daemon:
             "pools": {name: self._pool_status(name, pool) for name, pool in self.pools.items()},
             "ha": self.ha.status() if self.ha is not None else {"role": "standalone"},
         }
+        if self.discoveries:
+            st["discovery"] = discovery_summary(
+                {name: st["pools"][name]["discovery"] for name in self.discoveries}
+            )
         cluster = self.cluster
         if cluster is not None:
             from balancer.cluster import state

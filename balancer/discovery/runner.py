@@ -268,3 +268,16 @@ class PoolDiscovery:
             "held": list(self.held),
             "skipped": list(self.skipped),
         }
+
+
+def discovery_summary(pools: Mapping[str, dict]) -> dict:
+    """/status's top-level `discovery`: stale while any pool's registry is (since the
+    earliest), with each pool's own status under `pools`."""
+    stale = [d["since"] for d in pools.values() if d["state"] == STALE]
+    starting = any(d["state"] == STARTING for d in pools.values())
+    if stale:
+        state, since = STALE, min(stale)
+    else:
+        state = STARTING if starting else FRESH
+        since = max((d["since"] for d in pools.values()), default=0.0)
+    return {"state": state, "since": since, "pools": dict(pools)}

@@ -146,6 +146,8 @@ def test_unreachable_etcd_keeps_the_backends_and_says_stale_then_resumes(procs, 
     )
     d = lb.status()["pools"]["web"]["discovery"]
     assert before - 1 <= d["since"] <= time.time()
+    top = lb.status()["discovery"]  # the whole balancer's view: stale while any pool is
+    assert top["state"] == "stale" and top["since"] == d["since"] and "web" in top["pools"]
     assert msum(scrape(lb), "balancer_discovery_stale", pool="web", source="etcd") == 1
     with requests.Session() as s:
         for _ in range(10):

@@ -169,3 +169,16 @@ def metric(m: Metrics, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     raise KeyError(name)
+
+
+def test_the_balancers_summary_is_stale_while_any_pool_is() -> None:
+    from balancer.discovery.runner import discovery_summary
+
+    fresh = {"state": FRESH, "since": 5.0}
+    stale = {"state": STALE, "since": 7.0}
+    assert discovery_summary({"a": fresh})["state"] == FRESH
+    both = discovery_summary({"a": fresh, "b": stale, "c": {"state": STALE, "since": 9.0}})
+    assert (both["state"], both["since"]) == (STALE, 7.0) and set(both["pools"]) == {"a", "b", "c"}
+    assert (
+        discovery_summary({"a": fresh, "d": {"state": STARTING, "since": 1.0}})["state"] == STARTING
+    )
