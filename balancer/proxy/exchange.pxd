@@ -2,6 +2,8 @@
 # Fields are `public` so that interpreted code and tests read and write them as before;
 # compiled code reaches them as C struct members. Numbers that come from the wire
 # (content_length) stay Python ints: a C type would overflow where Python does not.
+# The methods a request calls on every step are `cpdef`: a C call from compiled code that
+# knows the type, still an ordinary method to Python (H2Exchange overrides some of them).
 
 cdef class Exchange:
     cdef public object client, listener, client_ip
@@ -35,3 +37,13 @@ cdef class Exchange:
     cdef public double started_at
     cdef public bint finished
     cdef public object set_cookie, held
+
+    cpdef prepare(self)
+    cpdef request_body(self, data)
+    cpdef request_done(self)
+    cpdef start(self)
+    cpdef dispatch(self)
+    cpdef _attach(self, conn)
+    cpdef response_body(self, data)
+    cpdef response_done(self, reusable)
+    cpdef _finish(self)

@@ -1,9 +1,17 @@
 # C types for balancer/proxy/upstream.py when it is compiled (Cython pure-Python mode).
 # Fields are `public`: interpreted code and tests use them as before. Lengths from the wire
 # (content_length, remaining) stay Python ints: a C type would overflow where Python does not.
+# Per-response methods are `cpdef`: C calls between the compiled classes, methods to Python.
+
+from balancer.proxy.exchange cimport Exchange
+
+cdef class BackendConnections
+
 
 cdef class UpstreamConnection:
-    cdef public object pool, transport, exchange
+    cdef public BackendConnections pool
+    cdef public object transport
+    cdef public Exchange exchange
     cdef public bint reused, closed
     cdef public double idle_since, deadline
     cdef public object proxy_key
@@ -19,6 +27,15 @@ cdef class UpstreamConnection:
     cdef public bint received_any, message_complete
     cdef public object head_out
 
+    cpdef _reset_response(self)
+    cpdef data_received(self, data)
+    cpdef _head_data(self, data)
+    cpdef _plain_head(self, head, low)
+    cpdef _start_body(self, rest)
+    cpdef _finish(self, reusable)
+    cpdef send(self, data)
+    cpdef request_sent(self)
+
 
 cdef class BackendConnections:
     cdef public object host, port, idle, keyed
@@ -26,3 +43,6 @@ cdef class BackendConnections:
     cdef public object watchdog, loop_time
     cdef public double backend_timeout, idle_timeout, connect_timeout
     cdef public object _loop
+
+    cpdef acquire_idle(self, proxy_header=*)
+    cpdef release(self, conn)  # untyped: the idle pool works with any connection-like object
