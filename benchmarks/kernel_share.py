@@ -18,6 +18,10 @@ stack from the leaf:
     syscall entry  the rest under do_syscall_64
     other          interrupts, softirqs not under a syscall, scheduler
 
+It also counts, per request, the IPIs the proxy sends (ipi:ipi_send_cpu): waking a peer whose
+core has gone idle. In a VM whose idle cores halt at once (no guest halt-polling) each is a
+VM exit, and a slower proxy leaves its peers idle more often, so it sends more of them.
+
 It runs each proxy twice: saturated (wrk -c50, as the throughput table) and at a fixed
 offered rate (h2load --h1 --rps, as the CPU-per-request table), because how often the peers
 sleep (and so cost a wake-up) depends on how busy the proxy keeps them.
@@ -44,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import LOAD_CORE, Lab  # noqa: E402
 
 FREQ = 4999
+# counted per request: cross-core wake-ups this process sends (an IPI is a VM exit in a guest
+# whose idle cores halt), and its system calls
+EVENTS = ("ipi:ipi_send_cpu", "sched:sched_wakeup", "raw_syscalls:sys_enter")
 CATEGORIES = (
     ("wake peer", ("sock_def_readable", "try_to_wake_up", "ep_poll_callback")),
     ("loopback rx", ("tcp_v4_rcv", "__netif_receive_skb", "net_rx_action")),
@@ -114,23 +121,36 @@ def load(kind: str, port: int, seconds: int, rate: int) -> int:
 def measure(pid: int, port: int, kind: str, seconds: int, rate: int, work: Path) -> dict:
     data = work / f"{pid}-{kind}.data"
     u0, s0 = proc_times(pid)
+    counts = work / f"{pid}-{kind}.counts"
     perf = subprocess.Popen(
         ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(FREQ), "-g"]
         + ["-o", str(data), "-p", str(pid)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    stat = subprocess.Popen(
+        ["perf", "stat", "-x,", "-e", ",".join(EVENTS), "-o", str(counts), "-p", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         reqs = load(kind, port, seconds, rate)
     finally:
-        perf.send_signal(2)
-        perf.wait(30)
+        for p in (perf, stat):
+            p.send_signal(2)
+            p.wait(30)
     u1, s1 = proc_times(pid)
     tick = os.sysconf("SC_CLK_TCK")
     kinds, kernel, total = samples(data)
     per_sample_us = 1e6 / FREQ / reqs
+    events = {}
+    for line in counts.read_text().splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[2] in EVENTS and parts[0].strip().isdigit():
+            events[parts[2]] = int(parts[0]) / reqs
     return {
         "requests": reqs,
+        "per_request": events,
         "user_us": (u1 - u0) / tick / reqs * 1e6,
         "sys_us": (s1 - s0) / tick / reqs * 1e6,
         "kernel_share": kernel / max(1, total),
@@ -169,6 +189,9 @@ def main() -> int:
         print(f"  {'requests':14s} {b['requests']:>9d} / {h['requests']:d}")
         print(f"  {'user (/proc)':14s} {b['user_us']:9.2f} / {h['user_us']:.2f}")
         print(f"  {'kernel (/proc)':14s} {b['sys_us']:9.2f} / {h['sys_us']:.2f}")
+        for ev in EVENTS:
+            bv, hv = b["per_request"].get(ev, 0.0), h["per_request"].get(ev, 0.0)
+            print(f"  {ev:24s} {bv:6.3f} / {hv:.3f} per request")
         print("  kernel, from perf samples:")
         for n in names:
             bv, hv = b["kernel_us"].get(n, 0.0), h["kernel_us"].get(n, 0.0)
