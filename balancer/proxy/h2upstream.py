@@ -297,7 +297,13 @@ class H2BackendConnection(asyncio.Protocol):
         self.authority = pool.authority
         self.transport: asyncio.Transport | None = None
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding=None,
+                # the request is built here (on_headers_complete: pseudo-headers first,
+                # lower-cased names, no connection-specific fields): not checked again
+                validate_outbound_headers=False,
+            )
         )
         self.streams: dict[int, H2UpstreamStream] = {}
         self.reserved = 0  # streams handed out whose HEADERS have not gone yet
