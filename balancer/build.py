@@ -42,6 +42,7 @@ COMPILED = (
     "balancer.proxy.limits",
     "balancer.proxy.routing",
     "balancer.proxy.observe",
+    "balancer.proxy.hpack_codec",
     "balancer.proxy.upstream",
     "balancer.proxy.exchange",
     "balancer.proxy.client",

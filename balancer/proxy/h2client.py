@@ -32,6 +32,7 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
+from balancer.proxy import hpack_codec
 from balancer.proxy.exchange import Site
 from balancer.proxy.h2stream import H2Stream
 from balancer.proxy.proxy_protocol import Address, transport_addresses
@@ -104,6 +105,9 @@ class H2ClientConnection(asyncio.Protocol):
                 # connection-specific fields, pseudo-headers first): checking it again per
                 # response was a large share of a stream's cost
                 validate_outbound_headers=False,
+                # h2's normalization lower-cases names (ours are) and keeps credentials out
+                # of the HPACK table, which our encoder does itself (hpack_codec)
+                normalize_outbound_headers=False,
             )
         )
         self.h2.local_settings = h2.settings.Settings(
@@ -118,9 +122,10 @@ class H2ClientConnection(asyncio.Protocol):
                 * (limits.max_header_bytes or 65536),
             },
         )
-        # until the client acknowledges these settings, h2 decodes with its defaults: the
-        # decoder's cap is ours from the first frame
-        self.h2.decoder.max_header_list_size = 2 * (limits.max_header_bytes or 65536)
+        # our HPACK codec (compiled) instead of the hpack package's; until the client
+        # acknowledges these settings, h2 decodes with its defaults: the decoder's cap is
+        # ours from the first frame
+        hpack_codec.install(self.h2, 2 * (limits.max_header_bytes or 65536))
         self.streams: dict[int, H2Stream] = {}
         self.admitted = False
         self.closed = False

@@ -22,6 +22,7 @@ import h2.settings
 import httptools
 
 from balancer.backend import parse_load
+from balancer.proxy import hpack_codec
 from balancer.proxy.upstream import (
     BODY_LENGTH,
     DONE,
@@ -303,8 +304,10 @@ class H2BackendConnection(asyncio.Protocol):
                 # the request is built here (on_headers_complete: pseudo-headers first,
                 # lower-cased names, no connection-specific fields): not checked again
                 validate_outbound_headers=False,
+                normalize_outbound_headers=False,  # as h2client: hpack_codec's encoder
             )
         )
+        hpack_codec.install(self.h2)
         self.streams: dict[int, H2UpstreamStream] = {}
         self.reserved = 0  # streams handed out whose HEADERS have not gone yet
         self.used = False
