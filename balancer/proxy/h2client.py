@@ -12,10 +12,11 @@ Attacks the peers were hit by, and what answers each here:
   read meanwhile); a stream that makes no progress for client_idle is reset.
 - A client that reads nothing: while the socket's write buffer is full, its frames are not
   read either, so the answers it provokes (PING ACKs, SETTINGS ACKs) cannot pile up.
-- Downgrade smuggling (RFC 9113 8.2): h2 refuses connection-specific fields, TE other than
-  "trailers", CR/LF/NUL, uppercase names, bad pseudo-headers, and a content-length that
-  disagrees with the DATA sent; the request to the backend is built by the same code as for
-  HTTP/1.1 clients, with its own framing.
+- Downgrade smuggling (RFC 9113 8.2): h2fields refuses connection-specific fields, TE other
+  than "trailers", CR/LF/NUL, uppercase names and bad pseudo-headers (the rules h2's own
+  validation enforced, which is off: it cost more than the rest of a stream), h2 a
+  content-length that disagrees with the DATA sent; the request to the backend is built by
+  the same code as for HTTP/1.1 clients, with its own framing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from hyperframe.frame import GoAwayFrame
 
 from balancer.proxy import hpack_codec
 from balancer.proxy.exchange import Site
+from balancer.proxy.h2fields import request_error, trailers_error
 from balancer.proxy.h2stream import H2Stream
 from balancer.proxy.proxy_protocol import Address, transport_addresses
 
@@ -108,6 +110,10 @@ class H2ClientConnection(asyncio.Protocol):
                 # h2's normalization lower-cases names (ours are) and keeps credentials out
                 # of the HPACK table, which our encoder does itself (hpack_codec)
                 normalize_outbound_headers=False,
+                # received fields are checked by h2fields in one pass (every rule h2's
+                # validation enforced), and cookie crumbs joined by map_request
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
             )
         )
         self.h2.local_settings = h2.settings.Settings(
@@ -276,6 +282,10 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _on_request(self, ev: h2.events.RequestReceived, now: float) -> None:
         sid = ev.stream_id
+        why = request_error(ev.headers)
+        if why is not None:
+            self._connection_error(PROTOCOL_ERROR, f"protocol error: {why}")
+            return
         if self.closing:
             # after our GOAWAY: the client did not know yet; it may retry elsewhere
             self.h2.reset_stream(sid, REFUSED_STREAM)
@@ -317,6 +327,10 @@ class H2ClientConnection(asyncio.Protocol):
             stream.request_done()
 
     def _on_trailers(self, ev: h2.events.TrailersReceived, now: float) -> None:
+        why = trailers_error(ev.headers)
+        if why is not None:
+            self._connection_error(PROTOCOL_ERROR, f"protocol error: {why}")
+            return
         # request trailers have no place in the HTTP/1.1 request a backend is sent
         self._on_stream_ended(ev, now)  # type: ignore[arg-type]
 
