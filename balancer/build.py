@@ -46,6 +46,10 @@ COMPILED = (
     "balancer.proxy.upstream",
     "balancer.proxy.exchange",
     "balancer.proxy.client",
+    "balancer.proxy.h2fields",
+    "balancer.proxy.h2stream",
+    "balancer.proxy.h2client",
+    "balancer.proxy.h2upstream",
 )
 
 _COMPILED = frozenset(COMPILED)
