@@ -145,6 +145,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.idle_since = 0.0
         self.flush_pending = False  # a _flush_now is scheduled for this loop iteration
+        self.holding: list[H2Stream] = []  # streams with a DATA frame held (send_body)
         self.backlog: bytearray | None = None  # read but not yet parsed (see _feed)
         # streams whose HEADERS came in the slice being handled: started once it is done,
         # unless the client reset them meanwhile (see _receive)
@@ -371,6 +372,8 @@ class H2ClientConnection(asyncio.Protocol):
     def send_headers(self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         if stream.closed or self.closed:
             return
+        if stream.held is not None:
+            self._release(stream)  # the body before the trailers
         try:
             self.h2.send_headers(stream.stream_id, headers, end_stream=end)
         except h2.exceptions.ProtocolError as e:
@@ -386,25 +389,49 @@ class H2ClientConnection(asyncio.Protocol):
     def send_body(self, stream: H2Stream, data: bytes) -> None:
         if stream.closed or self.closed:
             return
+        if stream.held is not None:
+            self._release(stream)
         if stream.pending:
             stream.pending.append(data)
             stream.pending_size += len(data)
+            self._check_pending(stream)
         else:
-            rest = self._send_now(stream, data)
-            if rest:
-                stream.pending.append(rest)
-                stream.pending_size += len(rest)
+            # held until this iteration's flush: a response whose end comes with its body
+            # (the usual one) goes out as one DATA frame with END_STREAM, not two frames
+            stream.held = data
+            self.holding.append(stream)
+        self._flush()
+
+    def _release(self, stream: H2Stream) -> None:
+        """Send a stream's held DATA (as much as the windows allow; the rest waits)."""
+        data, stream.held = stream.held, None
+        rest = self._send_now(stream, data)  # type: ignore[arg-type]
+        if rest:
+            stream.pending.append(rest)
+            stream.pending_size += len(rest)
+            self._check_pending(stream)
+
+    def _check_pending(self, stream: H2Stream) -> None:
         if stream.pending_size > PENDING_HIGH and not stream.upstream_paused:
             stream.upstream_paused = True
             ex = stream.exchange
             if ex is not None and ex.conn is not None:
                 ex.conn.pause_reading()
-        self._flush()
 
     def end_stream(self, stream: H2Stream) -> None:
         if stream.closed or self.closed or stream.ended:
             return
         stream.ended = True
+        held = stream.held
+        if held is not None:
+            h2c = self.h2
+            sid = stream.stream_id
+            if len(held) <= min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size):
+                stream.held = None
+                h2c.send_data(sid, held, end_stream=True)
+                self._flush()
+                return
+            self._release(stream)
         if stream.pending:
             stream.end_pending = True
             return
@@ -416,6 +443,7 @@ class H2ClientConnection(asyncio.Protocol):
             return
         stream.closed = True
         stream.pending.clear()
+        stream.held = None
         try:
             self.h2.reset_stream(stream.stream_id, code)
         except h2.exceptions.ProtocolError:
@@ -501,6 +529,12 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _flush_now(self) -> None:
         self.flush_pending = False
+        if self.holding:
+            holding, self.holding = self.holding, []
+            if not self.closed:
+                for stream in holding:
+                    if stream.held is not None and not stream.closed:
+                        self._release(stream)
         data = self.h2.data_to_send()
         if data and not self.closed:
             self.transport.write(data)  # type: ignore[union-attr]

@@ -108,6 +108,7 @@ class H2Stream:
         "ended",
         "pending",
         "pending_size",
+        "held",
         "end_pending",
         "upstream_paused",
         "last_progress",
@@ -130,6 +131,9 @@ class H2Stream:
         # response DATA waiting for flow-control window, and whether END_STREAM follows it
         self.pending: list[bytes] = []
         self.pending_size = 0
+        # the latest response DATA, kept until the loop iteration's flush so that an
+        # END_STREAM coming in the same iteration rides on its frame (see h2client)
+        self.held: bytes | None = None
         self.end_pending = False
         self.upstream_paused = False
         self.last_progress = 0.0

@@ -77,6 +77,7 @@ class H2UpstreamStream:
         "method",
         "pending",
         "pending_size",
+        "held",
         "end_pending",
         "deadline",
         "call_deadline",
@@ -102,6 +103,7 @@ class H2UpstreamStream:
         self.method = b""
         self.pending: list[bytes] = []
         self.pending_size = 0
+        self.held: bytes | None = None  # the latest request DATA, until the flush (send_body)
         self.end_pending = False
         self.deadline = 0.0
         self.call_deadline = 0.0  # from the client's grpc-timeout
@@ -318,6 +320,7 @@ class H2BackendConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.ready = self.loop.create_future()
         self.flush_pending = False  # a _flush_now is scheduled for this loop iteration
+        self.holding: list[H2UpstreamStream] = []  # streams with a DATA frame held
 
     # -- capacity --------------------------------------------------------------------------
 
@@ -435,22 +438,47 @@ class H2BackendConnection(asyncio.Protocol):
     def send_body(self, stream: H2UpstreamStream, data: bytes) -> None:
         if stream.closed or self.closed:
             return
+        if stream.held is not None:
+            self._release(stream)
         if stream.pending:
             stream.pending.append(data)
+            self._check_pending(stream)
         else:
-            rest = self._send_now(stream, data)
-            if rest:
-                stream.pending.append(rest)
+            # held until this iteration's flush: a request whose end comes with its body
+            # (a unary call) goes out as one DATA frame with END_STREAM, not two frames
+            stream.held = data
+            self.holding.append(stream)
+        self._flush()
+
+    def _release(self, stream: H2UpstreamStream) -> None:
+        """Send a stream's held DATA (as much as the windows allow; the rest waits)."""
+        data, stream.held = stream.held, None
+        rest = self._send_now(stream, data)  # type: ignore[arg-type]
+        if rest:
+            stream.pending.append(rest)
+            self._check_pending(stream)
+
+    def _check_pending(self, stream: H2UpstreamStream) -> None:
         stream.pending_size = sum(len(p) for p in stream.pending)
         if stream.pending_size > PENDING_HIGH and not stream.write_paused:
             stream.write_paused = True
             if stream.exchange is not None:
                 stream.exchange.upstream_pause_writing()
-        self._flush()
 
     def end_request(self, stream: H2UpstreamStream) -> None:
         if stream.closed or self.closed or stream.stream_id == 0:
             return
+        held = stream.held
+        if held is not None:
+            h2c = self.h2
+            sid = stream.stream_id
+            if len(held) <= min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size):
+                stream.held = None
+                h2c.send_data(sid, held, end_stream=True)
+                stream.request_sent()
+                self._flush()
+                return
+            self._release(stream)
         if stream.pending:
             stream.end_pending = True
             return
@@ -469,6 +497,7 @@ class H2BackendConnection(asyncio.Protocol):
     def cancel(self, stream: H2UpstreamStream) -> None:
         """The client left (or the call timed out): the backend stops working on it."""
         self.streams.pop(stream.stream_id, None)
+        stream.held = None
         if stream.stream_id == 0:
             self.reserved = max(0, self.reserved - 1)
         elif not self.closed:
@@ -551,6 +580,12 @@ class H2BackendConnection(asyncio.Protocol):
 
     def _flush_now(self) -> None:
         self.flush_pending = False
+        if self.holding:
+            holding, self.holding = self.holding, []
+            if not self.closed:
+                for stream in holding:
+                    if stream.held is not None and not stream.closed:
+                        self._release(stream)
         data = self.h2.data_to_send()
         # the transport, not self.closed: close() marks itself closed before its GOAWAY goes
         if data and self.transport is not None and not self.transport.is_closing():
