@@ -10,6 +10,8 @@ reaches no backend. The content-length against DATA check stays h2's (it is not 
 that switch). Cookie fields are judged as the one field they are joined into (as h2 did,
 whose inbound normalization joined them first and is off as well).
 
+h2upstream does the same with a backend's response heads and trailers (response_error).
+
 tests/unit/test_h2fields.py checks them against h2's own validation as the oracle.
 """
 
@@ -124,8 +126,37 @@ def _pseudo_error(seen: set[bytes], method: bytes | None) -> str | None:
     return None
 
 
+_REQUEST_ONLY = frozenset((b":method", b":scheme", b":authority", b":path", b":protocol"))
+
+
+def response_error(fields: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a backend's response head breaks RFC 9113 (what h2 refused for h2upstream: the
+    field rules, and exactly one :status before the other fields), or None."""
+    seen: set[bytes] = set()
+    regular = False
+    for field in fields:
+        name = field[0]
+        why = _field_error(name, field[1])
+        if why is not None:
+            return why
+        if name[0] == 0x3A:
+            if name in seen:
+                return f"duplicate pseudo-header field {name!r}"
+            seen.add(name)
+            if regular:
+                return f"pseudo-header field out of sequence: {name!r}"
+            if name not in _PSEUDO_ALLOWED or name in _REQUEST_ONLY:
+                return f"pseudo-header {name!r} in a response"
+        else:
+            regular = True
+    if b":status" not in seen:
+        return "response without :status"
+    return None
+
+
 def trailers_error(fields: list[tuple[bytes, bytes]]) -> str | None:
-    """Why a request's trailers break RFC 9113 (no pseudo-headers in them), or None."""
+    """Why trailers (a request's or a backend's) break RFC 9113 (no pseudo-headers in them),
+    or None."""
     cookies: list[bytes] | None = None
     for field in fields:
         name = field[0]

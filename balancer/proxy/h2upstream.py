@@ -23,6 +23,7 @@ import httptools
 
 from balancer.backend import parse_load
 from balancer.proxy import hpack_codec
+from balancer.proxy.h2fields import response_error, trailers_error
 from balancer.proxy.upstream import (
     BODY_LENGTH,
     DONE,
@@ -40,6 +41,7 @@ STREAM_WINDOW = 1024 * 1024  # per stream: a streaming response runs without wai
 CONNECTION_WINDOW = 16 * 1024 * 1024
 PENDING_HIGH = 256 * 1024  # request bytes held for a backend's window before the client pauses
 MAX_CONNECTIONS = 8  # per backend: beyond, streams wait in the kernel's queue of one of these
+PROTOCOL_ERROR = 1
 REFUSED_STREAM = 7
 CANCEL = 8
 
@@ -307,6 +309,9 @@ class H2BackendConnection(asyncio.Protocol):
                 # lower-cased names, no connection-specific fields): not checked again
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,  # as h2client: hpack_codec's encoder
+                # a response's fields are checked by h2fields (the rules h2 enforced, in
+                # one pass); its normalization (cookie fields joined) stays h2's
+                validate_inbound_headers=False,
             )
         )
         hpack_codec.install(self.h2)
@@ -396,10 +401,18 @@ class H2BackendConnection(asyncio.Protocol):
                 else:
                     stream.response_data(ev.data, ev.flow_controlled_length)
             elif t is h2.events.ResponseReceived or t is h2.events.InformationalResponseReceived:
+                why = response_error(ev.headers)
+                if why is not None:
+                    self._protocol_error(why)
+                    return
                 stream = self.streams.get(ev.stream_id)
                 if stream is not None:
                     stream.response_headers(ev.headers, ev.stream_ended is not None)
             elif t is h2.events.TrailersReceived:
+                why = trailers_error(ev.headers)
+                if why is not None:
+                    self._protocol_error(why)
+                    return
                 stream = self.streams.get(ev.stream_id)
                 if stream is not None:
                     stream.response_trailers(ev.headers)
@@ -416,6 +429,17 @@ class H2BackendConnection(asyncio.Protocol):
             elif t is h2.events.ConnectionTerminated:
                 self._goaway(ev.last_stream_id or 0)
         self._flush_now()
+
+    def _protocol_error(self, why: str) -> None:
+        """A response h2fields refused: as h2 did for its own errors, GOAWAY PROTOCOL_ERROR and
+        every stream of the connection fails (none of that response reaches a client)."""
+        log.warning("backend %s: HTTP/2 protocol error: %s", self.authority.decode(), why)
+        try:
+            self.h2.close_connection(PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush_now()
+        self._abort_all()
 
     # -- used by the streams ---------------------------------------------------------------
 

@@ -9,10 +9,13 @@ from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, valid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer.proxy.h2fields import request_error, trailers_error
+from balancer.proxy.h2fields import request_error, response_error, trailers_error
 
 REQUEST = HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
+)
+RESPONSE = HeaderValidationFlags(
+    is_client=True, is_trailer=False, is_response_header=True, is_push_promise=False
 )
 TRAILER = HeaderValidationFlags(
     is_client=False, is_trailer=True, is_response_header=False, is_push_promise=False
@@ -56,6 +59,18 @@ def h2_refuses(fields: list[tuple[bytes, bytes]], flags: HeaderValidationFlags) 
 @given(requests)
 def test_requests_refused_as_h2_did(fields: list[tuple[bytes, bytes]]) -> None:
     assert (request_error(fields) is not None) == h2_refuses(fields, REQUEST)
+
+
+responses = st.one_of(field_lists, field_lists.map(lambda extra: [(b":status", b"200"), *extra]))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(responses)
+def test_responses_refused_as_h2_did(fields: list[tuple[bytes, bytes]]) -> None:
+    # h2upstream keeps h2's inbound normalization (cookie fields joined) and then checks
+    normalized = list(normalize_inbound_headers(fields, RESPONSE))
+    refused = response_error(normalized) is not None
+    assert refused == h2_refuses(fields, RESPONSE)
 
 
 @settings(max_examples=1000, deadline=None)
