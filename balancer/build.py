@@ -42,9 +42,14 @@ COMPILED = (
     "balancer.proxy.limits",
     "balancer.proxy.routing",
     "balancer.proxy.observe",
+    "balancer.proxy.hpack_codec",
     "balancer.proxy.upstream",
     "balancer.proxy.exchange",
     "balancer.proxy.client",
+    "balancer.proxy.h2fields",
+    "balancer.proxy.h2stream",
+    "balancer.proxy.h2client",
+    "balancer.proxy.h2upstream",
 )
 
 _COMPILED = frozenset(COMPILED)

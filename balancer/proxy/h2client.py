@@ -12,10 +12,11 @@ Attacks the peers were hit by, and what answers each here:
   read meanwhile); a stream that makes no progress for client_idle is reset.
 - A client that reads nothing: while the socket's write buffer is full, its frames are not
   read either, so the answers it provokes (PING ACKs, SETTINGS ACKs) cannot pile up.
-- Downgrade smuggling (RFC 9113 8.2): h2 refuses connection-specific fields, TE other than
-  "trailers", CR/LF/NUL, uppercase names, bad pseudo-headers, and a content-length that
-  disagrees with the DATA sent; the request to the backend is built by the same code as for
-  HTTP/1.1 clients, with its own framing.
+- Downgrade smuggling (RFC 9113 8.2): h2fields refuses connection-specific fields, TE other
+  than "trailers", CR/LF/NUL, uppercase names and bad pseudo-headers (the rules h2's own
+  validation enforced, which is off: it cost more than the rest of a stream), h2 a
+  content-length that disagrees with the DATA sent; the request to the backend is built by
+  the same code as for HTTP/1.1 clients, with its own framing.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
+from balancer.proxy import hpack_codec
 from balancer.proxy.exchange import Site
+from balancer.proxy.h2fields import request_error, trailers_error
 from balancer.proxy.h2stream import H2Stream
 from balancer.proxy.proxy_protocol import Address, transport_addresses
 
@@ -97,7 +100,21 @@ class H2ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         limits = listener.limits.config
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
+            h2.config.H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                # what we send is built here (h2stream: lower-cased names, no
+                # connection-specific fields, pseudo-headers first): checking it again per
+                # response was a large share of a stream's cost
+                validate_outbound_headers=False,
+                # h2's normalization lower-cases names (ours are) and keeps credentials out
+                # of the HPACK table, which our encoder does itself (hpack_codec)
+                normalize_outbound_headers=False,
+                # received fields are checked by h2fields in one pass (every rule h2's
+                # validation enforced), and cookie crumbs joined by map_request
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
+            )
         )
         self.h2.local_settings = h2.settings.Settings(
             client=False,
@@ -111,9 +128,10 @@ class H2ClientConnection(asyncio.Protocol):
                 * (limits.max_header_bytes or 65536),
             },
         )
-        # until the client acknowledges these settings, h2 decodes with its defaults: the
-        # decoder's cap is ours from the first frame
-        self.h2.decoder.max_header_list_size = 2 * (limits.max_header_bytes or 65536)
+        # our HPACK codec (compiled) instead of the hpack package's; until the client
+        # acknowledges these settings, h2 decodes with its defaults: the decoder's cap is
+        # ours from the first frame
+        hpack_codec.install(self.h2, 2 * (limits.max_header_bytes or 65536))
         self.streams: dict[int, H2Stream] = {}
         self.admitted = False
         self.closed = False
@@ -127,6 +145,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.idle_since = 0.0
         self.flush_pending = False  # a _flush_now is scheduled for this loop iteration
+        self.holding: list[H2Stream] = []  # streams with a DATA frame held (send_body)
         self.backlog: bytearray | None = None  # read but not yet parsed (see _feed)
         # streams whose HEADERS came in the slice being handled: started once it is done,
         # unless the client reset them meanwhile (see _receive)
@@ -264,6 +283,10 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _on_request(self, ev: h2.events.RequestReceived, now: float) -> None:
         sid = ev.stream_id
+        why = request_error(ev.headers)
+        if why is not None:
+            self._connection_error(PROTOCOL_ERROR, f"protocol error: {why}")
+            return
         if self.closing:
             # after our GOAWAY: the client did not know yet; it may retry elsewhere
             self.h2.reset_stream(sid, REFUSED_STREAM)
@@ -305,6 +328,10 @@ class H2ClientConnection(asyncio.Protocol):
             stream.request_done()
 
     def _on_trailers(self, ev: h2.events.TrailersReceived, now: float) -> None:
+        why = trailers_error(ev.headers)
+        if why is not None:
+            self._connection_error(PROTOCOL_ERROR, f"protocol error: {why}")
+            return
         # request trailers have no place in the HTTP/1.1 request a backend is sent
         self._on_stream_ended(ev, now)  # type: ignore[arg-type]
 
@@ -345,6 +372,8 @@ class H2ClientConnection(asyncio.Protocol):
     def send_headers(self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         if stream.closed or self.closed:
             return
+        if stream.held is not None:
+            self._release(stream)  # the body before the trailers
         try:
             self.h2.send_headers(stream.stream_id, headers, end_stream=end)
         except h2.exceptions.ProtocolError as e:
@@ -360,25 +389,49 @@ class H2ClientConnection(asyncio.Protocol):
     def send_body(self, stream: H2Stream, data: bytes) -> None:
         if stream.closed or self.closed:
             return
+        if stream.held is not None:
+            self._release(stream)
         if stream.pending:
             stream.pending.append(data)
             stream.pending_size += len(data)
+            self._check_pending(stream)
         else:
-            rest = self._send_now(stream, data)
-            if rest:
-                stream.pending.append(rest)
-                stream.pending_size += len(rest)
+            # held until this iteration's flush: a response whose end comes with its body
+            # (the usual one) goes out as one DATA frame with END_STREAM, not two frames
+            stream.held = data
+            self.holding.append(stream)
+        self._flush()
+
+    def _release(self, stream: H2Stream) -> None:
+        """Send a stream's held DATA (as much as the windows allow; the rest waits)."""
+        data, stream.held = stream.held, None
+        rest = self._send_now(stream, data)  # type: ignore[arg-type]
+        if rest:
+            stream.pending.append(rest)
+            stream.pending_size += len(rest)
+            self._check_pending(stream)
+
+    def _check_pending(self, stream: H2Stream) -> None:
         if stream.pending_size > PENDING_HIGH and not stream.upstream_paused:
             stream.upstream_paused = True
             ex = stream.exchange
             if ex is not None and ex.conn is not None:
                 ex.conn.pause_reading()
-        self._flush()
 
     def end_stream(self, stream: H2Stream) -> None:
         if stream.closed or self.closed or stream.ended:
             return
         stream.ended = True
+        held = stream.held
+        if held is not None:
+            h2c = self.h2
+            sid = stream.stream_id
+            if len(held) <= min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size):
+                stream.held = None
+                h2c.send_data(sid, held, end_stream=True)
+                self._flush()
+                return
+            self._release(stream)
         if stream.pending:
             stream.end_pending = True
             return
@@ -390,6 +443,7 @@ class H2ClientConnection(asyncio.Protocol):
             return
         stream.closed = True
         stream.pending.clear()
+        stream.held = None
         try:
             self.h2.reset_stream(stream.stream_id, code)
         except h2.exceptions.ProtocolError:
@@ -475,6 +529,12 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _flush_now(self) -> None:
         self.flush_pending = False
+        if self.holding:
+            holding, self.holding = self.holding, []
+            if not self.closed:
+                for stream in holding:
+                    if stream.held is not None and not stream.closed:
+                        self._release(stream)
         data = self.h2.data_to_send()
         if data and not self.closed:
             self.transport.write(data)  # type: ignore[union-attr]

@@ -20,9 +20,8 @@ from balancer.proxy.proxy_protocol import Address
 if TYPE_CHECKING:
     from balancer.proxy import upstream as up
 
-# Pseudo-headers and the fields HTTP/2 forbids were checked by h2 (RFC 9113 8.2, 8.3);
+# Pseudo-headers and the fields HTTP/2 forbids were checked by h2fields (RFC 9113 8.2, 8.3);
 # what is left here is the mapping to the HTTP/1.1 request an HTTP/1.1 backend reads.
-_PSEUDO = frozenset({b":method", b":path", b":authority", b":scheme"})
 
 # Response fields that describe an HTTP/1.1 connection and have no place in HTTP/2
 # (RFC 9113 8.2.2); the upstream side has already removed the others.
@@ -109,6 +108,7 @@ class H2Stream:
         "ended",
         "pending",
         "pending_size",
+        "held",
         "end_pending",
         "upstream_paused",
         "last_progress",
@@ -131,6 +131,9 @@ class H2Stream:
         # response DATA waiting for flow-control window, and whether END_STREAM follows it
         self.pending: list[bytes] = []
         self.pending_size = 0
+        # the latest response DATA, kept until the loop iteration's flush so that an
+        # END_STREAM coming in the same iteration rides on its frame (see h2client)
+        self.held: bytes | None = None
         self.end_pending = False
         self.upstream_paused = False
         self.last_progress = 0.0
@@ -272,7 +275,7 @@ class H2Stream:
 def map_request(
     ex: Exchange, fields: list[tuple[bytes, bytes]], end_stream: bool, listener: Site
 ) -> None:
-    """Fill an exchange from an HTTP/2 request's fields (validated by h2) as the HTTP/1.1
+    """Fill an exchange from an HTTP/2 request's fields (checked by h2fields) as the HTTP/1.1
     request prepare() expects; raise RequestRejected for what HTTP/2 allows but the
     balancer refuses (header limits, CONNECT)."""
     limits = listener.limits.config
@@ -282,6 +285,9 @@ def map_request(
     size = 0
     has_length = False
     for name, value in fields:
+        if name == b"cookie":
+            cookies.append(value)  # RFC 9113 8.2.3: one field again for HTTP/1.1
+            continue
         size += len(name) + len(value) + 4
         if name[:1] == b":":
             if name == b":method":
@@ -291,9 +297,6 @@ def map_request(
             elif name == b":authority":
                 authority = value
             continue
-        if name == b"cookie":
-            cookies.append(value)  # RFC 9113 8.2.3: one field again for HTTP/1.1
-            continue
         if name == b"host":
             if not authority:
                 authority = value
@@ -301,12 +304,15 @@ def map_request(
         if name == b"content-length":
             has_length = True
         headers.append((name, value))
+    cookie = b"; ".join(cookies) if cookies else b""
+    if cookies:
+        size += len(cookie) + 10  # counted as the one field it becomes
     if 0 < limits.max_header_bytes < size:
         raise RequestRejected(431, "request header fields too large")
-    if 0 < limits.max_headers < len(headers) + len(cookies):
+    if 0 < limits.max_headers < len(headers) + (1 if cookies else 0):
         raise RequestRejected(431, "too many request header fields")
     if cookies:
-        headers.append((b"cookie", b"; ".join(cookies)))
+        headers.append((b"cookie", cookie))
     if authority:
         headers.insert(0, (b"host", authority))
     if method == b"CONNECT":

@@ -22,6 +22,8 @@ import h2.settings
 import httptools
 
 from balancer.backend import parse_load
+from balancer.proxy import hpack_codec
+from balancer.proxy.h2fields import response_error, trailers_error
 from balancer.proxy.upstream import (
     BODY_LENGTH,
     DONE,
@@ -39,6 +41,7 @@ STREAM_WINDOW = 1024 * 1024  # per stream: a streaming response runs without wai
 CONNECTION_WINDOW = 16 * 1024 * 1024
 PENDING_HIGH = 256 * 1024  # request bytes held for a backend's window before the client pauses
 MAX_CONNECTIONS = 8  # per backend: beyond, streams wait in the kernel's queue of one of these
+PROTOCOL_ERROR = 1
 REFUSED_STREAM = 7
 CANCEL = 8
 
@@ -76,6 +79,7 @@ class H2UpstreamStream:
         "method",
         "pending",
         "pending_size",
+        "held",
         "end_pending",
         "deadline",
         "call_deadline",
@@ -101,6 +105,7 @@ class H2UpstreamStream:
         self.method = b""
         self.pending: list[bytes] = []
         self.pending_size = 0
+        self.held: bytes | None = None  # the latest request DATA, until the flush (send_body)
         self.end_pending = False
         self.deadline = 0.0
         self.call_deadline = 0.0  # from the client's grpc-timeout
@@ -297,8 +302,19 @@ class H2BackendConnection(asyncio.Protocol):
         self.authority = pool.authority
         self.transport: asyncio.Transport | None = None
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding=None,
+                # the request is built here (on_headers_complete: pseudo-headers first,
+                # lower-cased names, no connection-specific fields): not checked again
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,  # as h2client: hpack_codec's encoder
+                # a response's fields are checked by h2fields (the rules h2 enforced, in
+                # one pass); its normalization (cookie fields joined) stays h2's
+                validate_inbound_headers=False,
+            )
         )
+        hpack_codec.install(self.h2)
         self.streams: dict[int, H2UpstreamStream] = {}
         self.reserved = 0  # streams handed out whose HEADERS have not gone yet
         self.used = False
@@ -309,6 +325,7 @@ class H2BackendConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.ready = self.loop.create_future()
         self.flush_pending = False  # a _flush_now is scheduled for this loop iteration
+        self.holding: list[H2UpstreamStream] = []  # streams with a DATA frame held
 
     # -- capacity --------------------------------------------------------------------------
 
@@ -384,10 +401,18 @@ class H2BackendConnection(asyncio.Protocol):
                 else:
                     stream.response_data(ev.data, ev.flow_controlled_length)
             elif t is h2.events.ResponseReceived or t is h2.events.InformationalResponseReceived:
+                why = response_error(ev.headers)
+                if why is not None:
+                    self._protocol_error(why)
+                    return
                 stream = self.streams.get(ev.stream_id)
                 if stream is not None:
                     stream.response_headers(ev.headers, ev.stream_ended is not None)
             elif t is h2.events.TrailersReceived:
+                why = trailers_error(ev.headers)
+                if why is not None:
+                    self._protocol_error(why)
+                    return
                 stream = self.streams.get(ev.stream_id)
                 if stream is not None:
                     stream.response_trailers(ev.headers)
@@ -404,6 +429,17 @@ class H2BackendConnection(asyncio.Protocol):
             elif t is h2.events.ConnectionTerminated:
                 self._goaway(ev.last_stream_id or 0)
         self._flush_now()
+
+    def _protocol_error(self, why: str) -> None:
+        """A response h2fields refused: as h2 did for its own errors, GOAWAY PROTOCOL_ERROR and
+        every stream of the connection fails (none of that response reaches a client)."""
+        log.warning("backend %s: HTTP/2 protocol error: %s", self.authority.decode(), why)
+        try:
+            self.h2.close_connection(PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush_now()
+        self._abort_all()
 
     # -- used by the streams ---------------------------------------------------------------
 
@@ -426,22 +462,47 @@ class H2BackendConnection(asyncio.Protocol):
     def send_body(self, stream: H2UpstreamStream, data: bytes) -> None:
         if stream.closed or self.closed:
             return
+        if stream.held is not None:
+            self._release(stream)
         if stream.pending:
             stream.pending.append(data)
+            self._check_pending(stream)
         else:
-            rest = self._send_now(stream, data)
-            if rest:
-                stream.pending.append(rest)
+            # held until this iteration's flush: a request whose end comes with its body
+            # (a unary call) goes out as one DATA frame with END_STREAM, not two frames
+            stream.held = data
+            self.holding.append(stream)
+        self._flush()
+
+    def _release(self, stream: H2UpstreamStream) -> None:
+        """Send a stream's held DATA (as much as the windows allow; the rest waits)."""
+        data, stream.held = stream.held, None
+        rest = self._send_now(stream, data)  # type: ignore[arg-type]
+        if rest:
+            stream.pending.append(rest)
+            self._check_pending(stream)
+
+    def _check_pending(self, stream: H2UpstreamStream) -> None:
         stream.pending_size = sum(len(p) for p in stream.pending)
         if stream.pending_size > PENDING_HIGH and not stream.write_paused:
             stream.write_paused = True
             if stream.exchange is not None:
                 stream.exchange.upstream_pause_writing()
-        self._flush()
 
     def end_request(self, stream: H2UpstreamStream) -> None:
         if stream.closed or self.closed or stream.stream_id == 0:
             return
+        held = stream.held
+        if held is not None:
+            h2c = self.h2
+            sid = stream.stream_id
+            if len(held) <= min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size):
+                stream.held = None
+                h2c.send_data(sid, held, end_stream=True)
+                stream.request_sent()
+                self._flush()
+                return
+            self._release(stream)
         if stream.pending:
             stream.end_pending = True
             return
@@ -460,6 +521,7 @@ class H2BackendConnection(asyncio.Protocol):
     def cancel(self, stream: H2UpstreamStream) -> None:
         """The client left (or the call timed out): the backend stops working on it."""
         self.streams.pop(stream.stream_id, None)
+        stream.held = None
         if stream.stream_id == 0:
             self.reserved = max(0, self.reserved - 1)
         elif not self.closed:
@@ -542,6 +604,12 @@ class H2BackendConnection(asyncio.Protocol):
 
     def _flush_now(self) -> None:
         self.flush_pending = False
+        if self.holding:
+            holding, self.holding = self.holding, []
+            if not self.closed:
+                for stream in holding:
+                    if stream.held is not None and not stream.closed:
+                        self._release(stream)
         data = self.h2.data_to_send()
         # the transport, not self.closed: close() marks itself closed before its GOAWAY goes
         if data and self.transport is not None and not self.transport.is_closing():
