@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balancer.proxy import hpack_codec
+from balancer.proxy.hpack_tables import HUFFMAN_CODES
 
 ORACLE_HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 STATIC_NAMES = sorted({n for n, _ in hpack_codec.STATIC_TABLE})
@@ -258,3 +259,49 @@ def test_installed_on_h2_connection_maps_errors_as_before() -> None:
         with pytest.raises(error):
             conn.receive_data(frame)
         assert isinstance(conn.decoder, hpack_codec.Decoder)
+
+
+# RFC 7541 Appendix C.4: three requests in a row, Huffman-coded, one connection's table.
+RFC_C4 = (
+    (
+        "828684418cf1e3c2e5f23a6ba0ab90f4ff",
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]
+        + [(b":authority", b"www.example.com")],
+    ),
+    (
+        "828684be5886a8eb10649cbf",
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]
+        + [(b":authority", b"www.example.com"), (b"cache-control", b"no-cache")],
+    ),
+    (
+        "828785bf408825a849e95ba97d7f8925a849e95bb8e8b4bf",
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/index.html")]
+        + [(b":authority", b"www.example.com"), (b"custom-key", b"custom-value")],
+    ),
+)
+
+
+def test_rfc7541_appendix_c4_requests_decode_in_sequence() -> None:
+    """The specification's own examples: the tables are the RFC's, whoever else agrees."""
+    ours, oracle = hpack_codec.Decoder(), hpack.Decoder()
+    for block, expected in RFC_C4:
+        data = bytes.fromhex(block)
+        assert plain(ours.decode(data, raw=True)) == [(n, v, False) for n, v in expected]
+        assert plain(oracle.decode(data, raw=True)) == [(n, v, False) for n, v in expected]
+
+
+def test_huffman_code_is_the_canonical_code_of_its_lengths() -> None:
+    """RFC 7541 Appendix B is a canonical Huffman code: ordered by (length, symbol), each code
+    is the previous one plus one, shifted left by the growth in length. A mistyped row breaks
+    that (or the prefix property) and fails here."""
+    codes = HUFFMAN_CODES
+    assert len(codes) == 257
+    order = sorted(range(257), key=lambda s: (codes[s][1], s))
+    code, length = 0, codes[order[0]][1]
+    for i, sym in enumerate(order):
+        bits = codes[sym][1]
+        if i:
+            code = (code + 1) << (bits - length)
+        length = bits
+        assert codes[sym] == (code, bits), sym
+    assert codes[256] == (0x3FFFFFFF, 30)  # EOS: thirty ones
