@@ -48,6 +48,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import LOAD_CORE, Lab  # noqa: E402
 
 FREQ = 4999
+# user-space samples by the shared object of their leaf frame (the proxy's own code first)
+USER_LIBRARIES = (
+    ("/balancer/", "balancer (compiled)"),
+    ("libpython", "CPython"),
+    ("httptools", "httptools/llhttp"),
+    ("uvloop", "uvloop/libuv"),
+    ("libc.so", "libc"),
+    ("libcrypto", "OpenSSL"),
+    ("haproxy", "haproxy"),
+)
 # counted per request: cross-core wake-ups this process sends (an IPI is a VM exit in a guest
 # whose idle cores halt), and its system calls
 EVENTS = ("ipi:ipi_send_cpu", "sched:sched_wakeup", "raw_syscalls:sys_enter")
@@ -79,25 +89,35 @@ def classify(stack: list[str]) -> str:
     return "other"
 
 
-def samples(data: Path) -> tuple[Counter, int, int]:
-    """Kernel samples by category, kernel samples in all, all samples."""
+def user_library(frame: str) -> str:
+    """Which part of user space a sampled leaf frame belongs to (by its shared object)."""
+    dso = frame.rsplit("(", 1)[-1]
+    for marker, name in USER_LIBRARIES:
+        if marker in dso:
+            return name
+    return "other"
+
+
+def samples(data: Path) -> tuple[Counter, Counter, int]:
+    """Kernel samples by category, user samples by library, all samples."""
     out = subprocess.run(
         ["perf", "script", "-i", str(data), "-F", "ip,sym,dso"],
         capture_output=True,
         text=True,
     ).stdout
     kinds: Counter = Counter()
-    total = kernel = 0
+    user: Counter = Counter()
+    total = 0
     for block in out.split("\n\n"):
         frames = [line.strip() for line in block.strip().splitlines() if line.strip()]
         if not frames:
             continue
         total += 1
         if "[kernel.kallsyms]" not in frames[0]:
+            user[user_library(frames[0])] += 1
             continue
-        kernel += 1
         kinds[classify([f.split(None, 1)[1] if " " in f else f for f in frames])] += 1
-    return kinds, kernel, total
+    return kinds, user, total
 
 
 def load(kind: str, port: int, seconds: int, rate: int) -> int:
@@ -141,7 +161,7 @@ def measure(pid: int, port: int, kind: str, seconds: int, rate: int, work: Path)
             p.wait(30)
     u1, s1 = proc_times(pid)
     tick = os.sysconf("SC_CLK_TCK")
-    kinds, kernel, total = samples(data)
+    kinds, user, total = samples(data)
     per_sample_us = 1e6 / FREQ / reqs
     events = {}
     for line in counts.read_text().splitlines():
@@ -153,8 +173,9 @@ def measure(pid: int, port: int, kind: str, seconds: int, rate: int, work: Path)
         "per_request": events,
         "user_us": (u1 - u0) / tick / reqs * 1e6,
         "sys_us": (s1 - s0) / tick / reqs * 1e6,
-        "kernel_share": kernel / max(1, total),
+        "kernel_share": sum(kinds.values()) / max(1, total),
         "kernel_us": {k: v * per_sample_us for k, v in kinds.items()},
+        "user_us_by_library": {k: v * per_sample_us for k, v in user.items()},
     }
 
 
@@ -196,6 +217,9 @@ def main() -> int:
         for n in names:
             bv, hv = b["kernel_us"].get(n, 0.0), h["kernel_us"].get(n, 0.0)
             print(f"    {n:14s} {bv:7.2f} / {hv:.2f}")
+        print("  user space, from perf samples (balancer; HAProxy is one binary):")
+        for lib, us in sorted(b["user_us_by_library"].items(), key=lambda kv: -kv[1]):
+            print(f"    {lib:20s} {us:7.2f}")
     return 0
 
 
