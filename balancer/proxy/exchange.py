@@ -305,9 +305,10 @@ class Exchange:
         te = None
         expect = None
         upgrade_value = None
+        kinds = _REQUEST_HEADER_KIND
         for name, value in self.headers:
             lname = name.lower()
-            kind = _REQUEST_HEADER_KIND.get(lname)
+            kind = kinds.get(lname)
             if kind is not None:
                 if kind == _H_HOP:
                     if lname == b"connection":
