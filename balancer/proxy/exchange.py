@@ -437,7 +437,9 @@ class Exchange:
                 if not value:
                     continue  # dropped above (named by Connection)
                 prefix = pool.sticky_cookie_prefix
-                if value.startswith(prefix) and b";" not in value:
+                # find(), not `in`: bytes' `in` tries the needle as an int first and formats
+                # an exception for it
+                if value.startswith(prefix) and value.find(b";") < 0:
                     # the usual case: the header carries only the balancer's cookie
                     found: bytes | None = value[len(prefix) :].strip()
                     value = None

@@ -30,7 +30,8 @@ VIEW_OVER = 4096
 
 # Header lines that send a lower-cased head down the full parse: the hop-by-hop ones other
 # than Connection (chunked framing, upgrades, and the rest are rare), and the backend's load
-# report, which is read and kept from the client.
+# report, which is read and kept from the client. (One regex search: cheaper than seven
+# `in` tests, each of which first tries the needle as an int and formats an exception.)
 _FULL_PARSE = re.compile(
     rb"\r\n(?:keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
     rb"|x-backend-load):"
