@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from time import monotonic  # a global, not a module attribute per request
 from typing import TYPE_CHECKING, Protocol
 
 from balancer import sticky as sticky_cookie
@@ -249,7 +250,7 @@ class Exchange:
         self.rechunk = False
         self.client_close = False
         self.bytes_out = 0
-        self.started_at = time.monotonic()
+        self.started_at = monotonic()
         self.finished = False
         self.set_cookie: bytes | None = None
         # the response head, held back to leave in the same write() as the first body

@@ -13,6 +13,7 @@ import select
 import stat
 import sys
 import time
+from time import monotonic  # a global, not a module attribute per request
 from typing import TYPE_CHECKING, Any
 
 from balancer.config import AccessLogConfig
@@ -246,7 +247,7 @@ class Observer:
         self.metrics = None
 
     def request_done(self, ex: Exchange, broken: bool = False) -> None:
-        duration = time.monotonic() - ex.started_at
+        duration = monotonic() - ex.started_at
         if self.access_log.enabled:
             self.access_log.write(ex, duration, broken)
         m = self.metrics

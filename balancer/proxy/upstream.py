@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
+from httptools import HttpResponseParser  # a global, not a module attribute per response
 
 from balancer.backend import parse_load
 from balancer.proxy.http import CRLF, HOP_BY_HOP
@@ -267,7 +268,7 @@ class UpstreamConnection:
         """The common response head, with no hop-by-hop header but Connection: keep-alive or
         close: validated by llhttp without a callback per header, then forwarded as the
         backend sent it minus its Connection line (no parse into a list and join back)."""
-        parser = httptools.HttpResponseParser(_HEAD_CHECK)
+        parser = HttpResponseParser(_HEAD_CHECK)
         try:
             parser.feed_data(head)
         except httptools.HttpParserUpgrade:
@@ -308,7 +309,7 @@ class UpstreamConnection:
         """Any response head: parsed header by header (hop-by-hop ones set aside, the ones
         Connection names stripped), then joined back for the client. False when the
         response turned out invalid (the exchange has been told)."""
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = HttpResponseParser(self)
         self._feed(head)
         if self.state != HEAD or self.exchange is None:
             return False
