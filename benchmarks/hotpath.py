@@ -8,12 +8,17 @@ measured by benchmarks/bench.py.
 
     .venv/bin/python benchmarks/hotpath.py                 # µs per request, per scenario
     .venv/bin/python benchmarks/hotpath.py --profile small  # cProfile of one scenario
+    .venv/bin/python benchmarks/instructions.py             # instructions per request (callgrind)
+
+`--callgrind` runs each scenario's measured requests once inside functools.reduce(), so that
+valgrind's `--toggle-collect=functools_reduce` counts exactly them (benchmarks/instructions.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import logging
 import pstats
 import socket
@@ -113,7 +118,9 @@ SCENARIOS = {
 }
 
 
-async def run_scenario(name: str, n: int, reps: int, profile: bool) -> list[float]:
+async def run_scenario(
+    name: str, n: int, reps: int, profile: bool, callgrind: bool = False
+) -> list[float]:
     spec = SCENARIOS[name]
     work = Path(tempfile.mkdtemp(prefix="balancer-hotpath-"))
     path = work / "lb.yaml"
@@ -147,6 +154,16 @@ async def run_scenario(name: str, n: int, reps: int, profile: bool) -> list[floa
                 ex.conn.data_received(RESPONSE)
 
         one_round(1000)
+        if callgrind:
+            # the one C function around the measured requests: callgrind counts inside it
+            # (the per-step call of `step` adds a few hundred instructions per request)
+            def step(_: None, __: int) -> None:
+                feed(request)
+                client.active.conn.data_received(RESPONSE)
+
+            feed = client.data_received
+            functools.reduce(step, range(n), None)
+            reps = 0
         if profile:
             prof = cProfile.Profile()
             prof.enable()
@@ -175,6 +192,11 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--only", default="", help="comma-separated scenarios")
     ap.add_argument("--profile", default="", help="cProfile this scenario instead of timing")
+    ap.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="run -n requests once per scenario inside functools.reduce, untimed",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.profile:
@@ -182,6 +204,9 @@ def main() -> int:
         return 0
     names = [s for s in args.only.split(",") if s] or list(SCENARIOS)
     for name in names:
+        if args.callgrind:
+            uvloop.run(run_scenario(name, args.n, 0, False, callgrind=True))
+            continue
         times = uvloop.run(run_scenario(name, args.n, args.reps, False))
         print(
             f"{name:18s} median {statistics.median(times):6.2f} µs/request"

@@ -9,7 +9,7 @@ cdef class ClientProtocol:
     # requests
     cdef public Exchange parsing, active
     cdef public object queue
-    cdef public Py_ssize_t head_size, head_raw, header_count
+    cdef public Py_ssize_t head_size, head_raw, header_count, max_headers, max_header_bytes
     cdef public bint upgrade_pending
     # flow control
     cdef public int read_pause

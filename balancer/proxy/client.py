@@ -61,6 +61,8 @@ class ClientProtocol:
         "head_size",
         "head_raw",
         "header_count",
+        "max_headers",
+        "max_header_bytes",
         "upgrade_pending",
         # flow control
         "read_pause",
@@ -89,6 +91,9 @@ class ClientProtocol:
         self.head_size = 0
         self.head_raw = 0
         self.header_count = 0
+        # the request head limits (limits.config), read once per request, not per header
+        self.max_headers = 0
+        self.max_header_bytes = 0
         self.upgrade_pending = False
         self.read_pause = 0
         self.write_paused = False
@@ -238,7 +243,7 @@ class ClientProtocol:
             # holds the complete lines of these same bytes (adding both made a head split
             # across two reads count nearly double and get a 431 at half the cap)
             self.head_raw += len(data)
-            if self.head_raw > self.listener.limits.config.max_header_bytes > 0:
+            if self.head_raw > self.max_header_bytes > 0:
                 self.reject(431, "request header fields too large")
 
     def _hand_over(self, data: bytes) -> None:
@@ -268,6 +273,9 @@ class ClientProtocol:
         self.head_size = 0
         self.head_raw = 0
         self.header_count = 0
+        limits = listener.limits.config
+        self.max_headers = limits.max_headers
+        self.max_header_bytes = limits.max_header_bytes
         if self.active is None and self.deadline_kind != DL_HEAD:
             self.deadline_kind = DL_HEAD
             self.deadline = listener.loop_time() + listener.timeouts.client_header
@@ -281,11 +289,10 @@ class ClientProtocol:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
-        limits = self.listener.limits.config
-        if 0 < limits.max_headers < self.header_count:
+        if 0 < self.max_headers < self.header_count:
             raise RequestRejected(431, "too many request header fields")
         self.head_size += len(name) + len(value) + 4
-        if 0 < limits.max_header_bytes < self.head_size:
+        if 0 < self.max_header_bytes < self.head_size:
             raise RequestRejected(431, "request header fields too large")
         self.parsing.headers.append((name, value))  # type: ignore[union-attr]
 
@@ -303,7 +310,7 @@ class ClientProtocol:
         # size"): the request line ("GET " url " HTTP/1.1\r\n") and the blank line too
         head_size = self.head_size + len(ex.method) + 14
         self.head_size = 0
-        if 0 < self.listener.limits.config.max_header_bytes < head_size:
+        if 0 < self.max_header_bytes < head_size:
             raise RequestRejected(431, "request header fields too large")
         ex.prepare()  # validates, routes and builds the forwarded head; may raise
         listener = self.listener

@@ -5,6 +5,9 @@
 # The methods a request calls on every step are `cpdef`: a C call from compiled code that
 # knows the type, still an ordinary method to Python (H2Exchange overrides some of them).
 
+cimport cython
+
+
 cdef class Exchange:
     cdef public object client, listener, client_ip
     # the request
@@ -38,6 +41,9 @@ cdef class Exchange:
     cdef public bint finished
     cdef public object set_cookie, held
 
+    # the request's lists and bytes typed: appends, slices and lookups are C operations
+    @cython.locals(lines=list, host_values=list, conn_values=list, xff=list, cookie_at=list,
+                   name=bytes, value=bytes, lname=bytes, url=bytes, kinds=dict)
     cpdef prepare(self)
     cpdef request_body(self, data)
     cpdef request_done(self)

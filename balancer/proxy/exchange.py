@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from time import monotonic  # a global, not a module attribute per request
 from typing import TYPE_CHECKING, Protocol
 
 from balancer import sticky as sticky_cookie
@@ -249,7 +250,7 @@ class Exchange:
         self.rechunk = False
         self.client_close = False
         self.bytes_out = 0
-        self.started_at = time.monotonic()
+        self.started_at = monotonic()
         self.finished = False
         self.set_cookie: bytes | None = None
         # the response head, held back to leave in the same write() as the first body
@@ -305,9 +306,10 @@ class Exchange:
         te = None
         expect = None
         upgrade_value = None
+        kinds = _REQUEST_HEADER_KIND
         for name, value in self.headers:
             lname = name.lower()
-            kind = _REQUEST_HEADER_KIND.get(lname)
+            kind = kinds.get(lname)
             if kind is not None:
                 if kind == _H_HOP:
                     if lname == b"connection":
@@ -436,7 +438,9 @@ class Exchange:
                 if not value:
                     continue  # dropped above (named by Connection)
                 prefix = pool.sticky_cookie_prefix
-                if value.startswith(prefix) and b";" not in value:
+                # find(), not `in`: bytes' `in` tries the needle as an int first and formats
+                # an exception for it
+                if value.startswith(prefix) and value.find(b";") < 0:
                     # the usual case: the header carries only the balancer's cookie
                     found: bytes | None = value[len(prefix) :].strip()
                     value = None

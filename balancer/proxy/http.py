@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from http import HTTPStatus
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1); never forwarded.
@@ -90,11 +89,14 @@ def host_without_port(host: bytes) -> bytes:
     return host[:colon] if colon >= 0 else host
 
 
-_BAD_HOST = re.compile(rb"[ \t,/@?#\\]")
+# bytes that can't be in a Host value (a space, a second authority, a path, userinfo...)
+_BAD_HOST = b" \t,/@?#\\"
 
 
 def valid_host(host: bytes) -> bool:
     """A syntactically plausible Host value (RFC 9110 7.2): one authority, no spaces."""
     if not host or len(host) > 255:
         return False
-    return _BAD_HOST.search(host) is None
+    # translate() drops those bytes: a shorter result means one was there (cheaper per
+    # request than a regex search)
+    return len(host.translate(None, _BAD_HOST)) == len(host)

@@ -3,6 +3,8 @@
 # (content_length, remaining) stay Python ints: a C type would overflow where Python does not.
 # Per-response methods are `cpdef`: C calls between the compiled classes, methods to Python.
 
+cimport cython
+
 from balancer.proxy.exchange cimport Exchange
 
 cdef class BackendConnections
@@ -29,8 +31,11 @@ cdef class UpstreamConnection:
 
     cpdef _reset_response(self)
     cpdef data_received(self, data)
+    # the head as bytes: slices, len() and startswith() are C operations
+    @cython.locals(end=Py_ssize_t, head=bytes, low=bytes)
     cpdef _head_data(self, data)
-    cpdef _plain_head(self, head, low)
+    @cython.locals(at=Py_ssize_t, line_end=Py_ssize_t, value=bytes, status=int)
+    cpdef _plain_head(self, bytes head, bytes low)
     cpdef _start_body(self, rest)
     cpdef _finish(self, reusable)
     cpdef send(self, data)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
+from httptools import HttpResponseParser  # a global, not a module attribute per response
 
 from balancer.backend import parse_load
 from balancer.proxy.http import CRLF, HOP_BY_HOP
@@ -30,7 +31,8 @@ VIEW_OVER = 4096
 
 # Header lines that send a lower-cased head down the full parse: the hop-by-hop ones other
 # than Connection (chunked framing, upgrades, and the rest are rare), and the backend's load
-# report, which is read and kept from the client.
+# report, which is read and kept from the client. (One regex search: cheaper than seven
+# `in` tests, each of which first tries the needle as an int and formats an exception.)
 _FULL_PARSE = re.compile(
     rb"\r\n(?:keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
     rb"|x-backend-load):"
@@ -38,7 +40,10 @@ _FULL_PARSE = re.compile(
 
 
 class _HeadCheck:
-    """A parser protocol with no callbacks: llhttp validates the head and calls nothing."""
+    """A parser protocol with no callbacks: llhttp validates the head and calls nothing.
+    (No instance dict: the parser's lookups of its nine callbacks fail sooner.)"""
+
+    __slots__ = ()
 
 
 _HEAD_CHECK = _HeadCheck()
@@ -263,7 +268,7 @@ class UpstreamConnection:
         """The common response head, with no hop-by-hop header but Connection: keep-alive or
         close: validated by llhttp without a callback per header, then forwarded as the
         backend sent it minus its Connection line (no parse into a list and join back)."""
-        parser = httptools.HttpResponseParser(_HEAD_CHECK)
+        parser = HttpResponseParser(_HEAD_CHECK)
         try:
             parser.feed_data(head)
         except httptools.HttpParserUpgrade:
@@ -304,7 +309,7 @@ class UpstreamConnection:
         """Any response head: parsed header by header (hop-by-hop ones set aside, the ones
         Connection names stripped), then joined back for the client. False when the
         response turned out invalid (the exchange has been told)."""
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = HttpResponseParser(self)
         self._feed(head)
         if self.state != HEAD or self.exchange is None:
             return False
