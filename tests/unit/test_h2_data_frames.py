@@ -15,24 +15,7 @@ from hyperframe.frame import DataFrame, Frame, HeadersFrame
 
 from balancer.proxy.h2client import H2ClientConnection
 from balancer.proxy.h2stream import H2Stream
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return default
+from tests.support import BufferTransport
 
 
 def fake_listener() -> SimpleNamespace:
@@ -64,7 +47,7 @@ def data_frames(out: list[Frame]) -> list[tuple[bytes, bool]]:
 
 async def open_stream(
     window: int = 65535,
-) -> tuple[H2ClientConnection, Transport, H2Stream, h2.connection.H2Connection]:
+) -> tuple[H2ClientConnection, BufferTransport, H2Stream, h2.connection.H2Connection]:
     """A server connection with one request stream open (its HEADERS handled by h2 alone:
     what is tested is the answer), and the client that sent it."""
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -78,7 +61,7 @@ async def open_stream(
         end_stream=True,
     )
     conn = H2ClientConnection(fake_listener(), "198.18.0.1")  # type: ignore[arg-type]
-    transport = Transport()
+    transport = BufferTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
     conn.h2.receive_data(client.data_to_send())
     client.receive_data(bytes(transport.data))

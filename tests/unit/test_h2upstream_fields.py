@@ -14,31 +14,9 @@ from hyperframe.frame import Frame, GoAwayFrame
 
 from balancer.proxy.h2upstream import H2BackendConnection, H2BackendConnections
 from balancer.proxy.upstream import FAIL_RESET, Watchdog
+from tests.support import BufferTransport
 
 REQUEST = b"POST /svc/Call HTTP/1.1\r\nHost: a\r\ncontent-type: application/grpc\r\ncontent-length: 2\r\n\r\nhi"
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
-
-    def take(self) -> bytes:
-        out = bytes(self.data)
-        del self.data[:]
-        return out
 
 
 class Exchange:
@@ -88,7 +66,7 @@ async def call(head: list, trailers: list | None) -> tuple[Exchange, bytes]:
         idle_timeout=5.0,
     )
     conn = H2BackendConnection(pool)
-    transport = Transport()
+    transport = BufferTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
     backend = h2.connection.H2Connection(
         h2.config.H2Configuration(
