@@ -58,16 +58,13 @@ def request_error(fields: list[tuple[bytes, bytes]]) -> str | None:
     method = None
     authority = None
     host = None
-    cookies: list[bytes] | None = None
+    cookies: list[bytes] = []
     for field in fields:
         name = field[0]
         value = field[1]
         if name == b"cookie":
             # judged as the one field the crumbs are joined into, after all the others
-            if cookies is None:
-                cookies = [value]
-            else:
-                cookies.append(value)
+            cookies.append(value)
             continue
         why = _field_error(name, value)
         if why is not None:
@@ -92,7 +89,7 @@ def request_error(fields: list[tuple[bytes, bytes]]) -> str | None:
                 if host is not None:
                     return "request header block has multiple Host headers"
                 host = value
-    if cookies is not None:
+    if cookies:
         why = _field_error(b"cookie", b"; ".join(cookies))
         if why is not None:
             return why
@@ -157,21 +154,18 @@ def response_error(fields: list[tuple[bytes, bytes]]) -> str | None:
 def trailers_error(fields: list[tuple[bytes, bytes]]) -> str | None:
     """Why trailers (a request's or a backend's) break RFC 9113 (no pseudo-headers in them),
     or None."""
-    cookies: list[bytes] | None = None
+    cookies: list[bytes] = []
     for field in fields:
         name = field[0]
         value = field[1]
         if name == b"cookie":
-            if cookies is None:
-                cookies = [value]
-            else:
-                cookies.append(value)
+            cookies.append(value)
             continue
         why = _field_error(name, value)
         if why is not None:
             return why
         if name[0] == 0x3A:
             return f"pseudo-header in trailers: {name!r}"
-    if cookies is not None:
+    if cookies:
         return _field_error(b"cookie", b"; ".join(cookies))
     return None
